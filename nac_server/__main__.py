@@ -1,0 +1,3 @@
+from nac_server.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""Assemble and run the server: Redis, store, sweeper, watch hub, gRPC with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
+from nac_server.arbiter import Arbiter
+from nac_server.config import Limits
+from nac_server.embedded import RedisProcess, default_data_dir
+from nac_server.expiry import Sweeper
+from nac_server.servicer import NodeAccessControl
+from nac_server.store import Store
+from nac_server.watch import EventHub
+
+log = logging.getLogger("nac.server")
+
+SERVICE_NAME = nac_pb2.DESCRIPTOR.services_by_name["NodeAccessControl"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    redis_url: str | None = None
+    data_dir: Path | None = None
+    limits: Limits = Limits()
+    grace_s: float = 5.0
+
+
+def redis_client(url: str) -> Redis:
+    # redis-py would otherwise resend a timed-out command up to 10 times without telling anyone.
+    # Three quick retries are safe: every script is idempotent by job id, and a retried release
+    # that already happened answers released=false.
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        socket_connect_timeout=2.0,
+        socket_timeout=10.0,
+        health_check_interval=30,
+    )
+
+
+class Server:
+    """A running NAC server. start() binds and serves; stop() drains and shuts down."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.embedded: RedisProcess | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        url = self.config.redis_url
+        if url is None:
+            data_dir = self.config.data_dir or default_data_dir()
+            self.embedded = await asyncio.to_thread(RedisProcess(data_dir).start)
+            url = self.embedded.url
+            log.warning(
+                "using an embedded redis-server (%s, data in %s): for single-host development "
+                "only. Point every replica at one shared Redis with --redis-url or NAC_REDIS_URL.",
+                self.embedded.binary, data_dir,
+            )
+        self.redis = redis_client(url)
+        self.store = Store(self.redis, history=self.config.limits.history)
+        self.health = health.aio.HealthServicer()
+        self._healthy: bool | None = None
+        self.hub = EventHub(self.store, self.config.limits.watch_queue)
+        self.sweeper = Sweeper(self.store, self.config.limits.sweep_interval_s, self._set_health)
+        arbiter = Arbiter(self.store, self.hub, self.sweeper, self.config.limits)
+
+        self.grpc = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)]
+        )
+        nac_pb2_grpc.add_NodeAccessControlServicer_to_server(NodeAccessControl(arbiter), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.port = self.grpc.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self.grpc.start()
+        self._tasks.append(asyncio.create_task(self.sweeper.run()))
+        host = self.config.listen.rsplit(":", 1)[0]
+        log.info("nac-server listening on %s:%d, store %s", host, self.port, _safe_url(url))
+
+    async def _set_health(self, healthy: bool) -> None:
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Stop accepting, end watches with a resume point, let calls in flight finish."""
+        log.info("shutting down: draining for up to %.1fs", self.config.grace_s)
+        await self._set_health(False)
+        await self.hub.close()
+        await self.grpc.stop(self.config.grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.redis.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        log.info("stopped")
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(config: ServerConfig) -> None:
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,19 @@
+"""Server settings: limits that shape validation, leases and watches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_ttl_ms: int = 30_000
+    min_ttl_ms: int = 1_000
+    max_ttl_ms: int = 3_600_000
+    max_nodes: int = 256
+    # Events kept per namespace for Watch resume; older ones answer OUT_OF_RANGE.
+    history: int = 10_000
+    # Events a watcher may fall behind before it is ended with RESOURCE_EXHAUSTED.
+    watch_queue: int = 1_024
+    # Longest pause between two expiry sweeps; a sweep also runs when the next lease is due.
+    sweep_interval_s: float = 1.0

@@ -1,0 +1,75 @@
+"""Domain values to wire messages."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from nac_proto.nac.v1 import nac_pb2 as pb
+from nac_server.model import Action, Conflict, Job, NodeAccess, Tally, actions_in
+from nac_server.store import StoredEvent
+
+
+def timestamp(milliseconds: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(milliseconds)
+    return stamp
+
+
+def duration(milliseconds: int) -> Duration:
+    span = Duration()
+    span.FromMilliseconds(milliseconds)
+    return span
+
+
+def node_access(access: NodeAccess) -> pb.NodeAccess:
+    return pb.NodeAccess(
+        node=access.node,
+        require=[action.value for action in actions_in(access.require)],
+        allow=[action.value for action in actions_in(access.allow)],
+    )
+
+
+def job(namespace: str, value: Job) -> pb.Job:
+    return pb.Job(
+        namespace=namespace,
+        job_id=value.job_id,
+        owner=value.owner,
+        operation=value.operation,
+        nodes=[node_access(access) for access in value.nodes],
+        fencing_token=value.fencing_token,
+        acquired_at=timestamp(value.acquired_ms),
+        expires_at=timestamp(value.expires_ms),
+        ttl=duration(value.ttl_ms),
+    )
+
+
+def conflict(value: Conflict) -> pb.Conflict:
+    return pb.Conflict(
+        node=value.node,
+        action=value.action.value,
+        kind=value.kind.value,
+        holder_job_id=value.holder_job_id,
+        holder_owner=value.holder_owner,
+        holder_operation=value.holder_operation,
+    )
+
+
+def tallies(values: dict[Action, Tally]) -> list[pb.ActionTally]:
+    return [
+        pb.ActionTally(
+            action=action.value,
+            required_by=tally.required_by,
+            not_allowed_by=tally.not_allowed_by,
+        )
+        for action, tally in values.items()
+    ]
+
+
+def event(namespace: str, value: StoredEvent) -> pb.WatchEvent:
+    return pb.WatchEvent(
+        revision=value.revision,
+        type=pb.WatchEvent.Type.Value(value.type),
+        job=job(namespace, value.job),
+        time=timestamp(value.time_ms),
+    )

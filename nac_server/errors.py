@@ -1,0 +1,106 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Every error reaches the client as a google.rpc.Status whose details hold one google.rpc.ErrorInfo
+with domain "nac.v1", reason the error's REASON, and metadata naming what it is about (job_id,
+field, owner, revision...). The client rebuilds typed errors from the code and that metadata.
+"""
+
+from __future__ import annotations
+
+import grpc
+import redis.exceptions
+
+ERROR_DOMAIN = "nac.v1"
+
+
+class NacError(Exception):
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class InvalidArgument(NacError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}", field=field)
+        self.field = field
+
+
+class AlreadyExists(NacError):
+    reason = "JOB_EXISTS"
+
+    def __init__(self, namespace: str, job_id: str) -> None:
+        super().__init__(
+            f"job {job_id} is already held in {namespace} with other owner, operation, nodes or masks",
+            namespace=namespace,
+            job_id=job_id,
+        )
+
+
+class PermissionDenied(NacError):
+    reason = "NOT_OWNER"
+
+    def __init__(self, namespace: str, job_id: str, owner: str) -> None:
+        super().__init__(
+            f"job {job_id} in {namespace} is owned by {owner}",
+            namespace=namespace,
+            job_id=job_id,
+            owner=owner,
+        )
+
+
+class NotFound(NacError):
+    reason = "JOB_NOT_FOUND"
+
+    def __init__(self, namespace: str, job_id: str) -> None:
+        super().__init__(f"no job {job_id} in {namespace}", namespace=namespace, job_id=job_id)
+
+
+class Compacted(NacError):
+    reason = "HISTORY_COMPACTED"
+
+    def __init__(self, message: str, revision: int, oldest: int) -> None:
+        super().__init__(message, revision=str(revision), oldest_revision=str(oldest))
+
+
+class WatcherTooSlow(NacError):
+    reason = "WATCHER_TOO_SLOW"
+
+    def __init__(self, resume_revision: int) -> None:
+        super().__init__(
+            f"watcher fell behind the event rate; resume from revision {resume_revision}",
+            resume_revision=str(resume_revision),
+        )
+
+
+class ShuttingDown(NacError):
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self, resume_revision: int) -> None:
+        super().__init__(
+            f"server is shutting down; resume from revision {resume_revision}",
+            resume_revision=str(resume_revision),
+        )
+
+
+class StoreUnavailable(NacError):
+    reason = "STORE_UNAVAILABLE"
+
+
+STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Compacted: grpc.StatusCode.OUT_OF_RANGE,
+    WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    redis.exceptions.ConnectionError: grpc.StatusCode.UNAVAILABLE,
+    redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,
+    redis.exceptions.BusyLoadingError: grpc.StatusCode.UNAVAILABLE,
+}

@@ -1,0 +1,68 @@
+"""Lease expiry: every replica sweeps every namespace; the script makes concurrent sweeps safe."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.exceptions
+
+from nac_server.model import Outcome
+from nac_server.store import Store
+
+log = logging.getLogger("nac.expiry")
+
+# Wake a little after a deadline so that the store's clock has passed it too.
+_LATE_MS = 5
+
+
+class Sweeper:
+    def __init__(
+        self,
+        store: Store,
+        interval_s: float,
+        on_health: Callable[[bool], Awaitable[None]],
+    ) -> None:
+        self._store = store
+        self._interval_s = interval_s
+        self._on_health = on_health
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A lease may now be due sooner than the sweeper planned (a short TTL was granted)."""
+        self._wake.set()
+
+    async def sweep_once(self) -> float:
+        """Expire every due job; return how long until the next lease is due, in seconds."""
+        pause = self._interval_s
+        for namespace in await self._store.namespaces():
+            due = await self._store.due(namespace)
+            for job in due.jobs:
+                response = await self._store.expire(namespace, job)
+                if response.outcome is Outcome.RELEASED:
+                    log.info(
+                        "expired ns=%s job=%s owner=%s op=%s token=%d rev=%d",
+                        namespace, job.job_id, job.owner, job.operation,
+                        job.fencing_token, response.revision,
+                    )
+            if len(due.jobs) >= 100:
+                pause = 0.0
+            elif due.next_deadline_ms is not None:
+                until_due = (due.next_deadline_ms - due.now_ms + _LATE_MS) / 1000
+                pause = min(pause, max(until_due, 0.0))
+        return pause
+
+    async def run(self) -> None:
+        while True:
+            try:
+                pause = await self.sweep_once()
+                await self._on_health(True)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                log.warning("expiry sweep failed: %s", error)
+                await self._on_health(False)
+                pause = self._interval_s
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)

@@ -1,0 +1,120 @@
+"""The gRPC adapter: each handler calls the arbiter; errors map through one table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from nac_proto.nac.v1 import nac_pb2 as pb
+from nac_proto.nac.v1 import nac_pb2_grpc
+from nac_server.arbiter import Arbiter
+from nac_server.errors import ERROR_DOMAIN, STATUS_OF, NacError
+
+log = logging.getLogger("nac.rpc")
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
+
+def status_for(error: Exception) -> grpc.Status | None:
+    """The wire status for an error the table knows, with an ErrorInfo naming its subject."""
+    code = next((c for kind, c in STATUS_OF.items() if isinstance(error, kind)), None)
+    if code is None:
+        return None
+    info = error_details_pb2.ErrorInfo(domain=ERROR_DOMAIN)
+    if isinstance(error, NacError):
+        info.reason = error.reason
+        info.metadata.update(error.metadata)
+        message = error.message
+    else:
+        info.reason = "STORE_UNAVAILABLE"
+        message = f"store unavailable: {error}"
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    status = status_for(error)
+    if status is None:
+        log.exception("unexpected error", exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    else:
+        await context.abort_with_status(status)
+
+
+def unary(
+    handler: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Reply]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Reply]]:
+    @functools.wraps(handler)
+    async def mapped(self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]) -> Reply:
+        try:
+            return await handler(self, request, context)
+        except Exception as error:
+            await _abort(context, error)
+            raise
+
+    return mapped
+
+
+def streaming(
+    handler: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Reply]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Reply]]:
+    @functools.wraps(handler)
+    async def mapped(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Reply]:
+        try:
+            async for reply in handler(self, request, context):
+                yield reply
+        except Exception as error:
+            await _abort(context, error)
+            raise
+
+    return mapped
+
+
+class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+
+    @unary
+    async def Acquire(self, request: pb.AcquireRequest, context: Any) -> pb.AcquireResponse:  # noqa: N802
+        return await self.arbiter.acquire(request)
+
+    @unary
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:  # noqa: N802
+        return await self.arbiter.release(request)
+
+    @unary
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:  # noqa: N802
+        return await self.arbiter.get_job(request)
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:  # noqa: N802
+        return await self.arbiter.list_jobs(request)
+
+    @unary
+    async def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeState:  # noqa: N802
+        return await self.arbiter.get_node(request)
+
+    @streaming
+    async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchEvent]:  # noqa: N802
+        async for event in self.arbiter.watch(request):
+            yield event
+
+    @streaming
+    async def KeepAlive(  # noqa: N802
+        self, requests: AsyncIterator[pb.KeepAliveRequest], context: Any
+    ) -> AsyncIterator[pb.KeepAliveResponse]:
+        async for request in requests:
+            yield await self.arbiter.keep_alive(request)

@@ -1,0 +1,308 @@
+"""Job and flag tables in Redis, changed only through the Lua scripts.
+
+Every key of a namespace shares the hash tag {namespace}, and every key a script touches is passed
+in KEYS, so the scripts run unchanged on Redis Cluster. Node keys are the namespace prefix, "n:",
+then the node name; no other key has that prefix, so no node name can produce another node's key
+or an internal key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from nac_server.model import (
+    Action,
+    Conflict,
+    ConflictKind,
+    Job,
+    NodeAccess,
+    Outcome,
+    Response,
+    Tally,
+)
+from nac_server.scripts import Scripts
+
+ACTION_COUNT = len(Action)
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str
+
+    @property
+    def prefix(self) -> str:
+        return f"nac:{{{self.namespace}}}:"
+
+    @property
+    def jobs(self) -> str:
+        return self.prefix + "jobs"
+
+    @property
+    def leases(self) -> str:
+        return self.prefix + "leases"
+
+    @property
+    def revision(self) -> str:
+        return self.prefix + "rev"
+
+    @property
+    def fence(self) -> str:
+        return self.prefix + "fence"
+
+    @property
+    def events(self) -> str:
+        return self.prefix + "events"
+
+    def node(self, name: str) -> str:
+        return self.prefix + "n:" + name
+
+
+NAMESPACES_KEY = "nac:namespaces"
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    revision: int
+    type: str
+    job: Job
+    time_ms: int
+
+
+@dataclass(frozen=True)
+class Due:
+    now_ms: int
+    next_deadline_ms: int | None
+    jobs: tuple[Job, ...]
+
+
+@dataclass(frozen=True)
+class NodeView:
+    revision: int
+    tallies: dict[Action, Tally]
+    holders: tuple[Job, ...]
+
+
+class HistoryCompacted(Exception):
+    """The events from a revision on are no longer all kept."""
+
+    def __init__(self, revision: int, oldest: int) -> None:
+        super().__init__(
+            f"revision {revision} is older than the oldest kept event ({oldest}); "
+            "take a snapshot and resume from its revision"
+        )
+        self.revision = revision
+        self.oldest = oldest
+
+
+def decode_job(text: str) -> Job:
+    record = json.loads(text)
+    return Job(
+        job_id=record["id"],
+        owner=record["owner"],
+        operation=record["op"],
+        nodes=tuple(NodeAccess(name, int(req), int(allow)) for name, req, allow in record["nodes"]),
+        fencing_token=int(record["token"]),
+        acquired_ms=int(record["acq"]),
+        expires_ms=int(record["exp"]),
+        ttl_ms=int(record["ttl"]),
+    )
+
+
+def decode_conflicts(flat: Sequence[Any], nodes: Sequence[NodeAccess]) -> tuple[Conflict, ...]:
+    found = [
+        Conflict(
+            node=nodes[int(flat[i]) - 1].node,
+            action=Action(int(flat[i + 1])),
+            kind=ConflictKind(int(flat[i + 2])),
+            holder_job_id=flat[i + 3],
+            holder_owner=flat[i + 4],
+            holder_operation=flat[i + 5],
+        )
+        for i in range(0, len(flat), 6)
+    ]
+    return tuple(sorted(found))
+
+
+class _NodeListCache:
+    """Which nodes a job holds, so Release can name its keys in one call. A miss costs one retry."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], tuple[str, ...]] = OrderedDict()
+
+    def remember(self, namespace: str, job: Job) -> None:
+        self._entries[(namespace, job.job_id)] = tuple(access.node for access in job.nodes)
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def take(self, namespace: str, job_id: str) -> tuple[str, ...]:
+        return self._entries.pop((namespace, job_id), ())
+
+
+class Store:
+    def __init__(self, redis: Redis, history: int = 10_000) -> None:
+        self.redis = redis
+        self.history = history
+        self.scripts = Scripts.register(redis)
+        self._node_lists = _NodeListCache()
+        self._registered_namespaces: set[str] = set()
+
+    async def acquire(
+        self,
+        namespace: str,
+        job_id: str,
+        owner: str,
+        operation: str,
+        nodes: Sequence[NodeAccess],
+        ttl_ms: int,
+        dry_run: bool = False,
+    ) -> Response:
+        keys = Keys(namespace)
+        if not dry_run:
+            await self._register_namespace(namespace)
+        args: list[Any] = [job_id, owner, operation, ttl_ms, int(dry_run), self.history]
+        args.append(ACTION_COUNT)
+        for access in nodes:
+            args += [access.node, access.require, access.allow]
+        reply = await self.scripts.acquire(
+            keys=[keys.jobs, keys.leases, keys.revision, keys.fence, keys.events]
+            + [keys.node(access.node) for access in nodes],
+            args=args,
+        )
+        verdict, revision = reply[0], int(reply[1])
+        if verdict == "refused":
+            return Response(Outcome.REFUSED, revision, conflicts=decode_conflicts(reply[2:], nodes))
+        if verdict == "would_grant":
+            return Response(Outcome.WOULD_GRANT, revision)
+        job = decode_job(reply[2])
+        outcome = {
+            "granted": Outcome.GRANTED,
+            "existing": Outcome.EXISTING,
+            "exists": Outcome.ALREADY_EXISTS,
+        }[verdict]
+        if outcome is not Outcome.ALREADY_EXISTS:
+            self._node_lists.remember(namespace, job)
+        return Response(outcome, revision, job)
+
+    async def release(self, namespace: str, job_id: str, owner: str) -> Response:
+        return await self._end(namespace, job_id, owner, "release", self._node_lists.take(namespace, job_id))
+
+    async def expire(self, namespace: str, job: Job) -> Response:
+        """End a job whose lease ran out. Safe to run from every replica at once."""
+        nodes = tuple(access.node for access in job.nodes)
+        return await self._end(namespace, job.job_id, "", "expire", nodes)
+
+    async def _end(
+        self, namespace: str, job_id: str, owner: str, mode: str, nodes: tuple[str, ...]
+    ) -> Response:
+        keys = Keys(namespace)
+        # The node list read outside the script may be stale; the script checks it and hands back
+        # the job's real one. Two rounds always suffice unless the job changes in between.
+        for _ in range(5):
+            reply = await self.scripts.release(
+                keys=[keys.jobs, keys.leases, keys.revision, keys.events]
+                + [keys.node(name) for name in nodes],
+                args=[job_id, owner, mode, self.history, ACTION_COUNT],
+            )
+            verdict, revision = reply[0], int(reply[1])
+            if verdict == "retry":
+                nodes = tuple(access.node for access in decode_job(reply[2]).nodes)
+                continue
+            if verdict == "released":
+                return Response(Outcome.RELEASED, revision, decode_job(reply[2]))
+            if verdict == "denied":
+                return Response(Outcome.PERMISSION_DENIED, revision, decode_job(reply[2]))
+            return Response(Outcome.NOT_HELD, revision)
+        raise RuntimeError(f"job {job_id} kept changing its nodes during release")
+
+    async def renew(self, namespace: str, job_id: str, owner: str) -> Response:
+        keys = Keys(namespace)
+        reply = await self.scripts.renew(keys=[keys.jobs, keys.leases], args=[job_id, owner])
+        if reply[0] == "renewed":
+            return Response(Outcome.GRANTED, 0, decode_job(reply[1]))
+        if reply[0] == "denied":
+            return Response(Outcome.PERMISSION_DENIED, 0, decode_job(reply[1]))
+        return Response(Outcome.NOT_HELD, 0)
+
+    async def due(self, namespace: str, limit: int = 100) -> Due:
+        keys = Keys(namespace)
+        reply = await self.scripts.due(keys=[keys.leases, keys.jobs], args=[limit])
+        next_deadline = int(reply[1])
+        return Due(
+            now_ms=int(reply[0]),
+            next_deadline_ms=None if next_deadline < 0 else next_deadline,
+            jobs=tuple(decode_job(text) for text in reply[2:]),
+        )
+
+    async def snapshot(self, namespace: str) -> tuple[int, tuple[Job, ...]]:
+        keys = Keys(namespace)
+        reply = await self.scripts.snapshot(keys=[keys.jobs, keys.revision], args=[])
+        jobs = sorted((decode_job(text) for text in reply[1:]), key=lambda job: job.job_id)
+        return int(reply[0]), tuple(jobs)
+
+    async def job(self, namespace: str, job_id: str) -> Job | None:
+        text = await self.redis.hget(Keys(namespace).jobs, job_id)  # type: ignore[misc]
+        return None if text is None else decode_job(text)
+
+    async def node(self, namespace: str, name: str) -> NodeView:
+        keys = Keys(namespace)
+        reply = await self.scripts.node(
+            keys=[keys.node(name), keys.jobs, keys.revision], args=[ACTION_COUNT]
+        )
+        holder_count = int(reply[1])
+        counts = reply[2 : 2 + ACTION_COUNT]
+        tallies = {
+            action: Tally(required_by=int(required), not_allowed_by=holder_count - int(allowed))
+            for action, (required, allowed) in zip(Action, counts, strict=True)
+        }
+        holders = sorted(
+            (decode_job(text) for text in reply[2 + ACTION_COUNT :]), key=lambda job: job.job_id
+        )
+        return NodeView(int(reply[0]), tallies, tuple(holders))
+
+    async def revision(self, namespace: str) -> int:
+        return int(await self.redis.get(Keys(namespace).revision) or 0)
+
+    async def events(self, namespace: str, start: int, count: int) -> list[StoredEvent]:
+        """Kept events from revision start on; HistoryCompacted if the first of them is gone."""
+        entries = await self.redis.xrange(Keys(namespace).events, f"{start}-0", "+", count=count)
+        found = [_decode_entry(entry_id, fields) for entry_id, fields in entries]
+        if found and found[0].revision != start:
+            raise HistoryCompacted(start, found[0].revision)
+        if not found and start <= await self.revision(namespace):
+            raise HistoryCompacted(start, start + 1)
+        return found
+
+    async def wait_events(
+        self, namespace: str, after: int, block_ms: int, count: int = 512
+    ) -> list[StoredEvent]:
+        """Events after revision after, waiting up to block_ms for the first one."""
+        reply = await self.redis.xread(
+            {Keys(namespace).events: f"{after}-0"}, count=count, block=block_ms
+        )
+        return [_decode_entry(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
+
+    async def namespaces(self) -> list[str]:
+        return sorted(await self.redis.smembers(NAMESPACES_KEY))  # type: ignore[misc]
+
+    async def _register_namespace(self, namespace: str) -> None:
+        # The sweepers of every replica find namespaces here. Once per process is enough: the set
+        # only grows.
+        if namespace not in self._registered_namespaces:
+            await self.redis.sadd(NAMESPACES_KEY, namespace)  # type: ignore[misc]
+            self._registered_namespaces.add(namespace)
+
+
+def _decode_entry(entry_id: str, fields: dict[str, str]) -> StoredEvent:
+    return StoredEvent(
+        revision=int(entry_id.split("-", 1)[0]),
+        type=fields["type"],
+        job=decode_job(fields["job"]),
+        time_ms=int(fields["t"]),
+    )

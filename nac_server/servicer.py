@@ -109,6 +109,8 @@ class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
 
     @streaming
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchEvent]:  # noqa: N802
+        # Headers go out at once, so a watcher knows it is connected before any event exists.
+        await context.send_initial_metadata(())
         async for event in self.arbiter.watch(request):
             yield event
 

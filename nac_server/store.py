@@ -26,6 +26,7 @@ from nac_server.model import (
     Response,
     Tally,
 )
+from nac_server.errors import Compacted
 from nac_server.scripts import Scripts
 
 ACTION_COUNT = len(Action)
@@ -86,18 +87,6 @@ class NodeView:
     revision: int
     tallies: dict[Action, Tally]
     holders: tuple[Job, ...]
-
-
-class HistoryCompacted(Exception):
-    """The events from a revision on are no longer all kept."""
-
-    def __init__(self, revision: int, oldest: int) -> None:
-        super().__init__(
-            f"revision {revision} is older than the oldest kept event ({oldest}); "
-            "take a snapshot and resume from its revision"
-        )
-        self.revision = revision
-        self.oldest = oldest
 
 
 def decode_job(text: str) -> Job:
@@ -270,13 +259,22 @@ class Store:
         return int(await self.redis.get(Keys(namespace).revision) or 0)
 
     async def events(self, namespace: str, start: int, count: int) -> list[StoredEvent]:
-        """Kept events from revision start on; HistoryCompacted if the first of them is gone."""
-        entries = await self.redis.xrange(Keys(namespace).events, f"{start}-0", "+", count=count)
+        """Kept events from revision start on; Compacted if the first of them is gone."""
+        keys = Keys(namespace)
+        # One transaction, so that an event appended between the two reads cannot look trimmed.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(keys.events, f"{start}-0", "+", count=count)
+            pipe.get(keys.revision)
+            entries, revision = await pipe.execute()
         found = [_decode_entry(entry_id, fields) for entry_id, fields in entries]
-        if found and found[0].revision != start:
-            raise HistoryCompacted(start, found[0].revision)
-        if not found and start <= await self.revision(namespace):
-            raise HistoryCompacted(start, start + 1)
+        if (found and found[0].revision != start) or (not found and start <= int(revision or 0)):
+            oldest = found[0].revision if found else int(revision or 0) + 1
+            raise Compacted(
+                f"revision {start} is older than the oldest kept event ({oldest}); "
+                "take a snapshot and resume from its revision",
+                start,
+                oldest,
+            )
         return found
 
     async def wait_events(

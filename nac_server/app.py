@@ -1,4 +1,4 @@
-"""Assemble and run the server: Redis, store, sweeper, watch hub, gRPC with health and reflection."""
+"""Assemble and run the server: Redis, store, sweeper, watch hub, gRPC, health, reflection."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,7 +35,7 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     redis_url: str | None = None
     data_dir: Path | None = None
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     grace_s: float = 5.0
 
 
@@ -71,7 +71,8 @@ class Server:
             log.warning(
                 "using an embedded redis-server (%s, data in %s): for single-host development "
                 "only. Point every replica at one shared Redis with --redis-url or NAC_REDIS_URL.",
-                self.embedded.binary, data_dir,
+                self.embedded.binary,
+                data_dir,
             )
         self.redis = redis_client(url)
         self.store = Store(self.redis, history=self.config.limits.history)

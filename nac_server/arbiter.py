@@ -41,9 +41,16 @@ class Arbiter:
             first = response.conflicts[0]
             log.info(
                 "acquire refused ns=%s job=%s owner=%s op=%s conflicts=%d first=%s:%s:%s:%s%s",
-                command.namespace, command.job_id, command.owner, command.operation,
-                len(response.conflicts), first.node, first.action.name, first.kind.name,
-                first.holder_job_id, " dry-run" if command.dry_run else "",
+                command.namespace,
+                command.job_id,
+                command.owner,
+                command.operation,
+                len(response.conflicts),
+                first.node,
+                first.action.name,
+                first.kind.name,
+                first.holder_job_id,
+                " dry-run" if command.dry_run else "",
             )
             return pb.AcquireResponse(
                 granted=False,
@@ -56,8 +63,14 @@ class Arbiter:
         job = response.job
         log.info(
             "acquire %s ns=%s job=%s owner=%s op=%s nodes=%d token=%d rev=%d",
-            response.outcome.value, command.namespace, job.job_id, job.owner, job.operation,
-            len(job.nodes), job.fencing_token, response.revision,
+            response.outcome.value,
+            command.namespace,
+            job.job_id,
+            job.owner,
+            job.operation,
+            len(job.nodes),
+            job.fencing_token,
+            response.revision,
         )
         if job.ttl_ms < self.limits.sweep_interval_s * 1000:
             self.sweeper.wake()
@@ -77,7 +90,11 @@ class Arbiter:
         released = response.outcome is Outcome.RELEASED
         log.info(
             "release %s ns=%s job=%s owner=%s rev=%d",
-            "done" if released else "not-held", namespace, job_id, owner, response.revision,
+            "done" if released else "not-held",
+            namespace,
+            job_id,
+            owner,
+            response.revision,
         )
         return pb.ReleaseResponse(released=released, revision=response.revision)
 

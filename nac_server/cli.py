@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -29,25 +30,60 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--listen", default=_env("NAC_LISTEN", "127.0.0.1:50051"), help="HOST:PORT [NAC_LISTEN]")
     add("--redis-url", default=_env("NAC_REDIS_URL", None), help="shared Redis [NAC_REDIS_URL]")
-    add("--data-dir", type=Path, default=_env("NAC_DATA_DIR", None),
-        help="embedded Redis data directory [NAC_DATA_DIR] (default ~/.local/share/nac)")
-    add("--default-ttl", type=float, default=float(_env("NAC_DEFAULT_TTL", str(defaults.default_ttl_ms / 1000)) or 0),
-        help="lease seconds when a request names none [NAC_DEFAULT_TTL]")
-    add("--min-ttl", type=float, default=float(_env("NAC_MIN_TTL", str(defaults.min_ttl_ms / 1000)) or 0),
-        help="shortest lease seconds [NAC_MIN_TTL]")
-    add("--max-ttl", type=float, default=float(_env("NAC_MAX_TTL", str(defaults.max_ttl_ms / 1000)) or 0),
-        help="longest lease seconds [NAC_MAX_TTL]")
-    add("--max-nodes", type=int, default=int(_env("NAC_MAX_NODES", str(defaults.max_nodes)) or 0),
-        help="most nodes in one job [NAC_MAX_NODES]")
-    add("--history", type=int, default=int(_env("NAC_HISTORY", str(defaults.history)) or 0),
-        help="events kept per namespace for Watch resume [NAC_HISTORY]")
-    add("--watch-queue", type=int, default=int(_env("NAC_WATCH_QUEUE", str(defaults.watch_queue)) or 0),
-        help="events a watcher may lag before it is ended [NAC_WATCH_QUEUE]")
-    add("--sweep-interval", type=float,
+    add(
+        "--data-dir",
+        type=Path,
+        default=_env("NAC_DATA_DIR", None),
+        help="embedded Redis data directory [NAC_DATA_DIR] (default ~/.local/share/nac)",
+    )
+    add(
+        "--default-ttl",
+        type=float,
+        default=float(_env("NAC_DEFAULT_TTL", str(defaults.default_ttl_ms / 1000)) or 0),
+        help="lease seconds when a request names none [NAC_DEFAULT_TTL]",
+    )
+    add(
+        "--min-ttl",
+        type=float,
+        default=float(_env("NAC_MIN_TTL", str(defaults.min_ttl_ms / 1000)) or 0),
+        help="shortest lease seconds [NAC_MIN_TTL]",
+    )
+    add(
+        "--max-ttl",
+        type=float,
+        default=float(_env("NAC_MAX_TTL", str(defaults.max_ttl_ms / 1000)) or 0),
+        help="longest lease seconds [NAC_MAX_TTL]",
+    )
+    add(
+        "--max-nodes",
+        type=int,
+        default=int(_env("NAC_MAX_NODES", str(defaults.max_nodes)) or 0),
+        help="most nodes in one job [NAC_MAX_NODES]",
+    )
+    add(
+        "--history",
+        type=int,
+        default=int(_env("NAC_HISTORY", str(defaults.history)) or 0),
+        help="events kept per namespace for Watch resume [NAC_HISTORY]",
+    )
+    add(
+        "--watch-queue",
+        type=int,
+        default=int(_env("NAC_WATCH_QUEUE", str(defaults.watch_queue)) or 0),
+        help="events a watcher may lag before it is ended [NAC_WATCH_QUEUE]",
+    )
+    add(
+        "--sweep-interval",
+        type=float,
         default=float(_env("NAC_SWEEP_INTERVAL", str(defaults.sweep_interval_s)) or 0),
-        help="longest pause between expiry sweeps, seconds [NAC_SWEEP_INTERVAL]")
-    add("--grace", type=float, default=float(_env("NAC_GRACE", "5") or 0),
-        help="seconds calls in flight get at shutdown [NAC_GRACE]")
+        help="longest pause between expiry sweeps, seconds [NAC_SWEEP_INTERVAL]",
+    )
+    add(
+        "--grace",
+        type=float,
+        default=float(_env("NAC_GRACE", "5") or 0),
+        help="seconds calls in flight get at shutdown [NAC_GRACE]",
+    )
     add("--log-level", default=_env("NAC_LOG_LEVEL", "INFO"), help="[NAC_LOG_LEVEL]")
     options = parser.parse_args(argv)
     problems = [
@@ -92,10 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config_from(options)))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

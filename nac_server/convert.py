@@ -25,8 +25,8 @@ def duration(milliseconds: int) -> Duration:
 def node_access(access: NodeAccess) -> pb.NodeAccess:
     return pb.NodeAccess(
         node=access.node,
-        require=[action.value for action in actions_in(access.require)],
-        allow=[action.value for action in actions_in(access.allow)],
+        require=[pb.Action.ValueType(action) for action in actions_in(access.require)],
+        allow=[pb.Action.ValueType(action) for action in actions_in(access.allow)],
     )
 
 
@@ -47,8 +47,8 @@ def job(namespace: str, value: Job) -> pb.Job:
 def conflict(value: Conflict) -> pb.Conflict:
     return pb.Conflict(
         node=value.node,
-        action=value.action.value,
-        kind=value.kind.value,
+        action=pb.Action.ValueType(value.action),
+        kind=pb.Conflict.Kind.ValueType(value.kind),
         holder_job_id=value.holder_job_id,
         holder_owner=value.holder_owner,
         holder_operation=value.holder_operation,
@@ -58,7 +58,7 @@ def conflict(value: Conflict) -> pb.Conflict:
 def tallies(values: dict[Action, Tally]) -> list[pb.ActionTally]:
     return [
         pb.ActionTally(
-            action=action.value,
+            action=pb.Action.ValueType(action),
             required_by=tally.required_by,
             not_allowed_by=tally.not_allowed_by,
         )

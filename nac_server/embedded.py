@@ -64,12 +64,18 @@ class RedisProcess:
             persistence = ["--appendonly", "yes", "--appendfsync", "everysec"]
         command = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(directory),
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(directory / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(directory / "redis.log"),
             *persistence,
         ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
@@ -78,9 +84,10 @@ class RedisProcess:
             if self.process.poll() is not None:
                 log_text = (directory / "redis.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-server exited at start: {log_text}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ) as probe:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as probe,
+            ):
                 probe.sendall(b"PING\r\n")
                 if probe.recv(16).startswith(b"+PONG"):
                     return self

@@ -35,7 +35,8 @@ class AlreadyExists(NacError):
 
     def __init__(self, namespace: str, job_id: str) -> None:
         super().__init__(
-            f"job {job_id} is already held in {namespace} with other owner, operation, nodes or masks",
+            f"job {job_id} is already held in {namespace} "
+            "with another owner, operation, node list or masks",
             namespace=namespace,
             job_id=job_id,
         )
@@ -87,10 +88,6 @@ class ShuttingDown(NacError):
         )
 
 
-class StoreUnavailable(NacError):
-    reason = "STORE_UNAVAILABLE"
-
-
 STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -99,7 +96,6 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     Compacted: grpc.StatusCode.OUT_OF_RANGE,
     WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.ConnectionError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.BusyLoadingError: grpc.StatusCode.UNAVAILABLE,

@@ -44,8 +44,12 @@ class Sweeper:
                 if response.outcome is Outcome.RELEASED:
                     log.info(
                         "expired ns=%s job=%s owner=%s op=%s token=%d rev=%d",
-                        namespace, job.job_id, job.owner, job.operation,
-                        job.fencing_token, response.revision,
+                        namespace,
+                        job.job_id,
+                        job.owner,
+                        job.operation,
+                        job.fencing_token,
+                        response.revision,
                     )
             if len(due.jobs) >= 100:
                 pause = 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -37,4 +38,3 @@ class Scripts:
                 for name in ("acquire", "release", "renew", "due", "snapshot", "node")
             }
         )
-

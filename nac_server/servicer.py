@@ -38,9 +38,10 @@ def status_for(error: Exception) -> grpc.Status | None:
         message = f"store unavailable: {error}"
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(
+    status: grpc.Status = rpc_status.to_status(
         status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
     )
+    return status
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
@@ -56,7 +57,9 @@ def unary(
     handler: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Reply]],
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Reply]]:
     @functools.wraps(handler)
-    async def mapped(self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]) -> Reply:
+    async def mapped(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Reply:
         try:
             return await handler(self, request, context)
         except Exception as error:

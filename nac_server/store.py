@@ -12,10 +12,11 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from nac_server.errors import Compacted
 from nac_server.model import (
     Action,
     Conflict,
@@ -26,7 +27,6 @@ from nac_server.model import (
     Response,
     Tally,
 )
-from nac_server.errors import Compacted
 from nac_server.scripts import Scripts
 
 ACTION_COUNT = len(Action)
@@ -180,7 +180,9 @@ class Store:
         return Response(outcome, revision, job)
 
     async def release(self, namespace: str, job_id: str, owner: str) -> Response:
-        return await self._end(namespace, job_id, owner, "release", self._node_lists.take(namespace, job_id))
+        return await self._end(
+            namespace, job_id, owner, "release", self._node_lists.take(namespace, job_id)
+        )
 
     async def expire(self, namespace: str, job: Job) -> Response:
         """End a job whose lease ran out. Safe to run from every replica at once."""
@@ -236,8 +238,8 @@ class Store:
         return int(reply[0]), tuple(jobs)
 
     async def job(self, namespace: str, job_id: str) -> Job | None:
-        text = await self.redis.hget(Keys(namespace).jobs, job_id)  # type: ignore[misc]
-        return None if text is None else decode_job(text)
+        text = await self.redis.hget(Keys(namespace).jobs, job_id)
+        return None if text is None else decode_job(cast(str, text))
 
     async def node(self, namespace: str, name: str) -> NodeView:
         keys = Keys(namespace)
@@ -281,19 +283,22 @@ class Store:
         self, namespace: str, after: int, block_ms: int, count: int = 512
     ) -> list[StoredEvent]:
         """Events after revision after, waiting up to block_ms for the first one."""
-        reply = await self.redis.xread(
+        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] = await self.redis.xread(
             {Keys(namespace).events: f"{after}-0"}, count=count, block=block_ms
-        )
-        return [_decode_entry(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
+        )  # type: ignore[assignment]
+        return [
+            _decode_entry(entry_id, fields) for _, entries in reply for entry_id, fields in entries
+        ]
 
     async def namespaces(self) -> list[str]:
-        return sorted(await self.redis.smembers(NAMESPACES_KEY))  # type: ignore[misc]
+        members = await self.redis.smembers(NAMESPACES_KEY)
+        return sorted(cast(set[str], members))
 
     async def _register_namespace(self, namespace: str) -> None:
         # The sweepers of every replica find namespaces here. Once per process is enough: the set
         # only grows.
         if namespace not in self._registered_namespaces:
-            await self.redis.sadd(NAMESPACES_KEY, namespace)  # type: ignore[misc]
+            await self.redis.sadd(NAMESPACES_KEY, namespace)
             self._registered_namespaces.add(namespace)
 
 

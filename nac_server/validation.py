@@ -72,7 +72,9 @@ def nodes(requested: Sequence[pb.NodeAccess], limits: Limits) -> tuple[NodeAcces
     for index, access in enumerate(requested):
         name = node_name(access.node, f"nodes[{index}].node")
         if name in seen:
-            raise InvalidArgument(f"nodes[{index}].node", f"{name!r:.80} repeats nodes[{seen[name]}]")
+            raise InvalidArgument(
+                f"nodes[{index}].node", f"{name!r:.80} repeats nodes[{seen[name]}]"
+            )
         seen[name] = index
         checked.append(
             NodeAccess(

@@ -18,7 +18,7 @@ import redis.exceptions
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert
 from nac_server.errors import ShuttingDown, WatcherTooSlow
-from nac_server.store import StoredEvent, Store
+from nac_server.store import Store, StoredEvent
 from nac_server.validation import WatchCommand
 
 log = logging.getLogger("nac.watch")

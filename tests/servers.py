@@ -18,7 +18,8 @@ from nac_server.embedded import free_port
 class ServerProcess:
     """`python -m nac_server` on a free port, stopped with SIGTERM like an operator would."""
 
-    def __init__(self, redis_url: str, *extra: str, log_path: Path | None = None) -> None:
+    def __init__(self, redis_url: str | None, *extra: str, log_path: Path | None = None) -> None:
+        """With redis_url None the server starts its embedded Redis."""
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.redis_url = redis_url
@@ -28,11 +29,16 @@ class ServerProcess:
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         command = [
-            sys.executable, "-m", "nac_server",
-            "--listen", self.target,
-            "--redis-url", self.redis_url,
-            "--sweep-interval", "0.2",
-            "--grace", "2",
+            sys.executable,
+            "-m",
+            "nac_server",
+            "--listen",
+            self.target,
+            *(["--redis-url", self.redis_url] if self.redis_url else []),
+            "--sweep-interval",
+            "0.2",
+            "--grace",
+            "2",
             *self.extra,
         ]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115

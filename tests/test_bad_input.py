@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,9 @@ W, R = pb.MODIFY_VISIBLE_DATA, pb.READ_VISIBLE_DATA
 
 
 @pytest.fixture
-def stub(servers: tuple[ServerProcess, ServerProcess]) -> Iterator[nac_pb2_grpc.NodeAccessControlStub]:
+def stub(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> Iterator[nac_pb2_grpc.NodeAccessControlStub]:
     with grpc.insecure_channel(servers[0].target) as channel:
         yield nac_pb2_grpc.NodeAccessControlStub(channel)
 
@@ -44,7 +47,7 @@ def good_acquire(space: str, **changes: object) -> pb.AcquireRequest:
 
 
 def field_of(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "error carries no status details"
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
@@ -52,7 +55,10 @@ def field_of(error: grpc.RpcError) -> str:
     return str(info.metadata["field"])
 
 
-def node(name: str, require: list[int] | None = None, allow: list[int] | None = None) -> pb.NodeAccess:
+def node(
+    name: str, require: list[Any] | None = None, allow: list[Any] | None = None
+) -> pb.NodeAccess:
+    # Plain ints on purpose: the cases send numbers that are not actions.
     return pb.NodeAccess(node=name, require=require or [W], allow=allow or [])
 
 
@@ -106,38 +112,56 @@ def test_the_good_request_is_good(stub: nac_pb2_grpc.NodeAccessControlStub, name
 
 OTHER_CASES: dict[str, tuple[Callable[[nac_pb2_grpc.NodeAccessControlStub], object], str]] = {
     "release namespace": (
-        lambda s: s.Release(pb.ReleaseRequest(namespace="", job_id="j", owner="o")), "namespace"),
+        lambda s: s.Release(pb.ReleaseRequest(namespace="", job_id="j", owner="o")),
+        "namespace",
+    ),
     "release job_id": (
-        lambda s: s.Release(pb.ReleaseRequest(namespace="ns", job_id="", owner="o")), "job_id"),
+        lambda s: s.Release(pb.ReleaseRequest(namespace="ns", job_id="", owner="o")),
+        "job_id",
+    ),
     "release owner": (
-        lambda s: s.Release(pb.ReleaseRequest(namespace="ns", job_id="j", owner="")), "owner"),
+        lambda s: s.Release(pb.ReleaseRequest(namespace="ns", job_id="j", owner="")),
+        "owner",
+    ),
     "get_job job_id": (
-        lambda s: s.GetJob(pb.GetJobRequest(namespace="ns", job_id="a b")), "job_id"),
+        lambda s: s.GetJob(pb.GetJobRequest(namespace="ns", job_id="a b")),
+        "job_id",
+    ),
     "get_job namespace": (
-        lambda s: s.GetJob(pb.GetJobRequest(namespace="*", job_id="j")), "namespace"),
-    "list_jobs namespace": (
-        lambda s: s.ListJobs(pb.ListJobsRequest(namespace="")), "namespace"),
+        lambda s: s.GetJob(pb.GetJobRequest(namespace="*", job_id="j")),
+        "namespace",
+    ),
+    "list_jobs namespace": (lambda s: s.ListJobs(pb.ListJobsRequest(namespace="")), "namespace"),
     "list_jobs node": (
-        lambda s: s.ListJobs(pb.ListJobsRequest(namespace="ns", node="\x01")), "node"),
+        lambda s: s.ListJobs(pb.ListJobsRequest(namespace="ns", node="\x01")),
+        "node",
+    ),
     "list_jobs owner": (
-        lambda s: s.ListJobs(pb.ListJobsRequest(namespace="ns", owner="o\x7f")), "owner"),
-    "get_node node": (
-        lambda s: s.GetNode(pb.GetNodeRequest(namespace="ns", node="")), "node"),
+        lambda s: s.ListJobs(pb.ListJobsRequest(namespace="ns", owner="o\x7f")),
+        "owner",
+    ),
+    "get_node node": (lambda s: s.GetNode(pb.GetNodeRequest(namespace="ns", node="")), "node"),
     "get_node namespace": (
-        lambda s: s.GetNode(pb.GetNodeRequest(namespace="", node="/a")), "namespace"),
-    "watch namespace": (
-        lambda s: list(s.Watch(pb.WatchRequest(namespace=""))), "namespace"),
+        lambda s: s.GetNode(pb.GetNodeRequest(namespace="", node="/a")),
+        "namespace",
+    ),
+    "watch namespace": (lambda s: list(s.Watch(pb.WatchRequest(namespace=""))), "namespace"),
     "watch nodes": (
-        lambda s: list(s.Watch(pb.WatchRequest(namespace="ns", nodes=["/a", ""]))), "nodes[1]"),
+        lambda s: list(s.Watch(pb.WatchRequest(namespace="ns", nodes=["/a", ""]))),
+        "nodes[1]",
+    ),
     "watch snapshot with start": (
         lambda s: list(s.Watch(pb.WatchRequest(namespace="ns", snapshot=True, start_revision=3))),
-        "start_revision"),
+        "start_revision",
+    ),
     "keepalive job_id": (
         lambda s: list(s.KeepAlive(iter([pb.KeepAliveRequest(namespace="ns", owner="o")]))),
-        "job_id"),
+        "job_id",
+    ),
     "keepalive owner": (
         lambda s: list(s.KeepAlive(iter([pb.KeepAliveRequest(namespace="ns", job_id="j")]))),
-        "owner"),
+        "owner",
+    ),
 }
 
 

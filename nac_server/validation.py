@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from nac_server.model import Action, NodeAccess
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ACTION_VALUES = frozenset(action.value for action in Action)
+# Unicode category Cc (C0, DEL, C1) and lone surrogates.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def namespace(value: str, field: str = "namespace") -> str:
@@ -39,9 +40,9 @@ def text(value: str, field: str, max_bytes: int) -> str:
         raise InvalidArgument(field, "must not be empty")
     if size > max_bytes:
         raise InvalidArgument(field, f"is {size} bytes, at most {max_bytes} allowed")
-    for char in value:
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise InvalidArgument(field, f"contains the control character {char!r}")
+    control = _CONTROL.search(value)
+    if control:
+        raise InvalidArgument(field, f"contains the control character {control.group()!r}")
     return value
 
 

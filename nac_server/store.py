@@ -291,12 +291,16 @@ class Store:
         ]
 
     async def namespaces(self) -> list[str]:
-        members = await self.redis.smembers(NAMESPACES_KEY)
-        return sorted(cast(set[str], members))
+        """Every namespace that has held a job, for the expiry sweep."""
+        members = cast(set[str], await self.redis.smembers(NAMESPACES_KEY))
+        # A Redis that restarted empty has lost the set; put back what this process registered.
+        missing = self._registered_namespaces - members
+        if missing:
+            await self.redis.sadd(NAMESPACES_KEY, *missing)
+        return sorted(members | missing)
 
     async def _register_namespace(self, namespace: str) -> None:
-        # The sweepers of every replica find namespaces here. Once per process is enough: the set
-        # only grows.
+        # Once per process is enough: namespaces() repairs the set if Redis loses it.
         if namespace not in self._registered_namespaces:
             await self.redis.sadd(NAMESPACES_KEY, namespace)
             self._registered_namespaces.add(namespace)

@@ -221,8 +221,17 @@ async def test_redis_down_gives_unavailable_and_recovers(namespace: str, tmp_pat
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
                 # A new, empty Redis on the same port: it has no scripts loaded (NOSCRIPT path).
                 redis = RedisProcess(port=redis.port).start()
-                reply = await stub.Acquire(request(namespace, "c", "h", access("/c", [W], [])))
+                reply = await stub.Acquire(
+                    request(namespace, "c", "h", access("/c", [W], []), ttl_s=1)
+                )
                 assert reply.granted
+                # The new Redis lost the namespace registry too; leases must still expire.
+                async with asyncio.timeout(10):
+                    async for event in stub.Watch(
+                        pb.WatchRequest(namespace=namespace, start_revision=2)
+                    ):
+                        assert (event.type, event.job.job_id) == (pb.WatchEvent.EXPIRED, "c")
+                        break
     finally:
         redis.stop()
 

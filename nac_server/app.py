@@ -17,6 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from nac_server.arbiter import Arbiter
+from nac_server.auth import OperatorCheck
 from nac_server.config import Limits
 from nac_server.embedded import RedisProcess, default_data_dir
 from nac_server.expiry import Sweeper
@@ -36,6 +37,8 @@ class ServerConfig:
     data_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     grace_s: float = 5.0
+    # Bearer token for operator calls (ForceRelease, ConfigureNamespace); None disables them.
+    admin_token: str | None = None
 
 
 def redis_client(url: str) -> Redis:
@@ -74,7 +77,13 @@ class Server:
                 data_dir,
             )
         self.redis = redis_client(url)
-        self.store = Store(self.redis, history=self.config.limits.history)
+        limits = self.config.limits
+        self.store = Store(
+            self.redis,
+            history=limits.history,
+            lock_delay_ms=limits.lock_delay_ms,
+            waiter_liveness_ms=limits.waiter_liveness_ms,
+        )
         self.health = health.aio.HealthServicer()
         self._healthy: bool | None = None
         self.hub = EventHub(self.store, self.config.limits.watch_queue)
@@ -84,7 +93,8 @@ class Server:
         self.grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)]
         )
-        add_to_server(NodeAccessControl(arbiter), self.grpc)
+        servicer = NodeAccessControl(arbiter, OperatorCheck(self.config.admin_token))
+        add_to_server(servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc

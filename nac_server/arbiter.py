@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert, validation
 from nac_server.config import Limits
-from nac_server.errors import AlreadyExists, NotFound, PermissionDenied
+from nac_server.errors import AlreadyExists, Deadlock, InvalidArgument, NotFound, PermissionDenied
 from nac_server.expiry import Sweeper
-from nac_server.model import Outcome
-from nac_server.store import Store
-from nac_server.watch import EventHub, watch
+from nac_server.model import Job, Outcome, Response
+from nac_server.store import Store, Waiter
+from nac_server.validation import AcquireCommand
+from nac_server.watch import EventHub, Subscription, next_event, watch
 
 log = logging.getLogger("nac.decisions")
 
@@ -23,20 +27,25 @@ class Arbiter:
         self.hub = hub
         self.sweeper = sweeper
         self.limits = limits
+        self._cleanups: set[asyncio.Task[bool]] = set()
 
     async def acquire(self, request: pb.AcquireRequest) -> pb.AcquireResponse:
         command = validation.acquire(request, self.limits)
-        response = await self.store.acquire(
-            command.namespace,
-            command.job_id,
-            command.owner,
-            command.operation,
-            command.nodes,
-            command.ttl_ms,
-            command.dry_run,
-        )
+        if command.wait_ms and not command.dry_run:
+            response = await self._acquire_waiting(command)
+        else:
+            response = await self._attempt(command, 0)
         if response.outcome is Outcome.ALREADY_EXISTS:
             raise AlreadyExists(command.namespace, command.job_id)
+        if response.outcome is Outcome.DEADLOCK:
+            log.info(
+                "acquire deadlock ns=%s job=%s owner=%s cycle=%s",
+                command.namespace,
+                command.job_id,
+                command.owner,
+                response.cycle,
+            )
+            raise Deadlock(command.namespace, command.job_id, response.cycle)
         if response.outcome is Outcome.REFUSED:
             first = response.conflicts[0]
             log.info(
@@ -77,6 +86,131 @@ class Arbiter:
         return pb.AcquireResponse(
             granted=True, job=convert.job(command.namespace, job), revision=response.revision
         )
+
+    async def _attempt(self, command: AcquireCommand, wait_ms: int) -> Response:
+        return await self.store.acquire(
+            command.namespace,
+            command.job_id,
+            command.owner,
+            command.operation,
+            command.nodes,
+            command.ttl_ms,
+            command.dry_run,
+            wait_ms,
+        )
+
+    async def _acquire_waiting(self, command: AcquireCommand) -> Response:
+        """Queue until granted or the wait ends, re-checking when an event touches our nodes."""
+        deadline = time.monotonic() + command.wait_ms / 1000
+        # Re-check well within the waiter's liveness, so the queue keeps our place.
+        recheck_s = self.limits.waiter_liveness_ms / 3000
+        nodes = frozenset(access.node for access in command.nodes)
+        waiter = Waiter(_as_job(command), 0, 0)
+        async with self.hub.subscribe(command.namespace) as subscription:
+            try:
+                response = await self._attempt(command, command.wait_ms)
+                if response.outcome is Outcome.QUEUED:
+                    log.info(
+                        "acquire queued ns=%s job=%s owner=%s op=%s positions=%s",
+                        command.namespace,
+                        command.job_id,
+                        command.owner,
+                        command.operation,
+                        ",".join(map(str, response.positions)),
+                    )
+                while response.outcome is Outcome.QUEUED:
+                    remaining_s = deadline - time.monotonic()
+                    if remaining_s <= 0:
+                        await self.store.unwait(command.namespace, waiter)
+                        return replace(response, outcome=Outcome.REFUSED)
+                    await _wake_on(self.hub, subscription, nodes, min(remaining_s, recheck_s))
+                    remaining_ms = max(1, round((deadline - time.monotonic()) * 1000))
+                    response = await self._attempt(command, remaining_ms)
+                return response
+            except BaseException:
+                # The client went away or the call failed: leave the queue now, whatever happens
+                # to this task.
+                cleanup = asyncio.create_task(self.store.unwait(command.namespace, waiter))
+                self._cleanups.add(cleanup)
+                cleanup.add_done_callback(self._cleanups.discard)
+                raise
+
+    async def update(self, request: pb.UpdateRequest) -> pb.UpdateResponse:
+        command = validation.update(request, self.limits)
+        response = await self.store.update(
+            command.namespace, command.job_id, command.owner, command.nodes, command.dry_run
+        )
+        if response.outcome is Outcome.NOT_HELD:
+            raise NotFound(command.namespace, command.job_id)
+        if response.outcome is Outcome.PERMISSION_DENIED:
+            assert response.job is not None
+            raise PermissionDenied(command.namespace, command.job_id, response.job.owner)
+        assert response.job is not None
+        updated = response.outcome is not Outcome.REFUSED
+        log.info(
+            "update %s ns=%s job=%s owner=%s nodes=%d conflicts=%d rev=%d%s",
+            response.outcome.value,
+            command.namespace,
+            command.job_id,
+            command.owner,
+            len(command.nodes),
+            len(response.conflicts),
+            response.revision,
+            " dry-run" if command.dry_run else "",
+        )
+        return pb.UpdateResponse(
+            updated=updated,
+            job=convert.job(command.namespace, response.job),
+            conflicts=[convert.conflict(c) for c in response.conflicts],
+            revision=response.revision,
+        )
+
+    async def force_release(
+        self, request: pb.ForceReleaseRequest, peer: str
+    ) -> pb.ForceReleaseResponse:
+        namespace = validation.namespace(request.namespace)
+        job_id = validation.job_id(request.job_id)
+        reason = validation.text(request.reason, "reason", 1024)
+        actor = validation.text(request.actor, "actor", 256) if request.actor else "operator"
+        actor = f"{actor} from {peer}"
+        response = await self.store.force_release(namespace, job_id, reason, actor)
+        if response.job is None:
+            log.info("force-release not-held ns=%s job=%s actor=%s", namespace, job_id, actor)
+            return pb.ForceReleaseResponse(released=False, revision=response.revision)
+        log.warning(
+            "force-release ns=%s job=%s owner=%s token=%d actor=%s reason=%r rev=%d",
+            namespace,
+            job_id,
+            response.job.owner,
+            response.job.fencing_token,
+            actor,
+            reason,
+            response.revision,
+        )
+        reply = pb.ForceReleaseResponse(
+            released=True, revision=response.revision, job=convert.job(namespace, response.job)
+        )
+        if response.delay_end_ms:
+            reply.lock_delay_until.CopyFrom(convert.timestamp(response.delay_end_ms))
+        return reply
+
+    async def configure_namespace(
+        self, request: pb.ConfigureNamespaceRequest
+    ) -> pb.NamespaceConfig:
+        namespace = validation.namespace(request.namespace)
+        delay_ms = validation.milliseconds(request.lock_delay, "lock_delay")
+        if delay_ms > 3_600_000:
+            raise InvalidArgument("lock_delay", "at most one hour")
+        await self.store.set_lock_delay(namespace, delay_ms)
+        log.warning("configured ns=%s lock_delay_ms=%d", namespace, delay_ms)
+        return pb.NamespaceConfig(namespace=namespace, lock_delay=convert.duration(delay_ms))
+
+    async def get_namespace_config(
+        self, request: pb.GetNamespaceConfigRequest
+    ) -> pb.NamespaceConfig:
+        namespace = validation.namespace(request.namespace)
+        delay_ms = await self.store.lock_delay_of(namespace)
+        return pb.NamespaceConfig(namespace=namespace, lock_delay=convert.duration(delay_ms))
 
     async def release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         namespace = validation.namespace(request.namespace)
@@ -128,29 +262,67 @@ class Arbiter:
 
     async def list_jobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
         namespace = validation.namespace(request.namespace)
+        revision, jobs, waiters = await self.store.snapshot(namespace)
+        positions = convert.queue_positions(waiters)
         if request.node:
-            node = await self.store.node(namespace, validation.node_name(request.node, "node"))
-            revision, jobs = node.revision, node.holders
-        else:
-            revision, jobs = await self.store.snapshot(namespace)
+            node = validation.node_name(request.node, "node")
+            jobs = tuple(job for job in jobs if job.access_to(node))
+            waiters = tuple(w for w in waiters if w.job.access_to(node))
         if request.owner:
             wanted = validation.owner(request.owner)
             jobs = tuple(job for job in jobs if job.owner == wanted)
+            waiters = tuple(w for w in waiters if w.job.owner == wanted)
         return pb.ListJobsResponse(
-            jobs=[convert.job(namespace, job) for job in jobs], revision=revision
+            jobs=[convert.job(namespace, job) for job in jobs],
+            revision=revision,
+            waiters=[convert.waiter(namespace, w, positions[w.job.job_id]) for w in waiters],
         )
 
     async def get_node(self, request: pb.GetNodeRequest) -> pb.NodeState:
         namespace = validation.namespace(request.namespace)
         name = validation.node_name(request.node, "node")
         node = await self.store.node(namespace, name)
-        return pb.NodeState(
+        state = pb.NodeState(
             namespace=namespace,
             node=name,
             tallies=convert.tallies(node.tallies),
             holders=[convert.job(namespace, job) for job in node.holders],
             revision=node.revision,
+            waiters=[
+                convert.waiter(namespace, w, {name: place})
+                for place, w in enumerate(node.waiters, start=1)
+            ],
         )
+        if node.delays:
+            latest = max(node.delays, key=lambda delay: delay.end_ms)
+            state.lock_delay.job.CopyFrom(convert.job(namespace, latest.job))
+            state.lock_delay.until.CopyFrom(convert.timestamp(latest.end_ms))
+        return state
 
-    def watch(self, request: pb.WatchRequest) -> AsyncIterator[pb.WatchEvent]:
-        return watch(self.hub, self.store, validation.watch(request))
+    def watch(
+        self, request: pb.WatchRequest, on_start: Callable[[int], Awaitable[None]]
+    ) -> AsyncIterator[pb.WatchEvent]:
+        return watch(self.hub, self.store, validation.watch(request), on_start)
+
+
+def _as_job(command: AcquireCommand) -> Job:
+    return Job(command.job_id, command.owner, command.operation, command.nodes)
+
+
+async def _wake_on(
+    hub: EventHub, subscription: Subscription, nodes: frozenset[str], timeout_s: float
+) -> None:
+    """Return when an event may have freed one of nodes, or after timeout_s."""
+    freeing = {"RELEASED", "EXPIRED", "FORCE_RELEASED", "UPDATED", "WAIT_ENDED", "LOCK_DELAY_ENDED"}
+    deadline = time.monotonic() + timeout_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        if subscription.overflowed:
+            # Events were dropped: one of them may have concerned us.
+            subscription.overflowed = False
+            return
+        try:
+            event = await asyncio.wait_for(next_event(hub, subscription, 0), remaining)
+        except TimeoutError:
+            return
+        if event.type in freeing and event.concerns(nodes, frozenset()):
+            return

@@ -79,6 +79,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="longest pause between expiry sweeps, seconds [NAC_SWEEP_INTERVAL]",
     )
     add(
+        "--lock-delay",
+        type=float,
+        default=float(_env("NAC_LOCK_DELAY", str(defaults.lock_delay_ms / 1000)) or 0),
+        help="seconds a lost or force-released holder keeps blocking its nodes, unless the "
+        "namespace sets its own; 0 turns it off [NAC_LOCK_DELAY]",
+    )
+    add(
+        "--max-wait",
+        type=float,
+        default=float(_env("NAC_MAX_WAIT", str(defaults.max_wait_ms / 1000)) or 0),
+        help="longest Acquire wait, seconds [NAC_MAX_WAIT]",
+    )
+    add(
+        "--admin-token",
+        default=_env("NAC_ADMIN_TOKEN", None),
+        help="bearer token for operator calls (ForceRelease, ConfigureNamespace); without it "
+        "they are refused [NAC_ADMIN_TOKEN]",
+    )
+    add(
         "--grace",
         type=float,
         default=float(_env("NAC_GRACE", "5") or 0),
@@ -95,6 +114,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ("--history", options.history > 0),
             ("--watch-queue", options.watch_queue > 0),
             ("--sweep-interval", options.sweep_interval > 0),
+            ("--lock-delay", 0 <= options.lock_delay <= 3600),
+            ("--max-wait", options.max_wait >= 0),
         ]
         if not ok
     ]
@@ -109,6 +130,7 @@ def config_from(options: argparse.Namespace) -> ServerConfig:
         redis_url=options.redis_url,
         data_dir=options.data_dir,
         grace_s=options.grace,
+        admin_token=options.admin_token or None,
         limits=Limits(
             default_ttl_ms=round(options.default_ttl * 1000),
             min_ttl_ms=round(options.min_ttl * 1000),
@@ -117,6 +139,8 @@ def config_from(options: argparse.Namespace) -> ServerConfig:
             history=options.history,
             watch_queue=options.watch_queue,
             sweep_interval_s=options.sweep_interval,
+            lock_delay_ms=round(options.lock_delay * 1000),
+            max_wait_ms=round(options.max_wait * 1000),
         ),
     )
 

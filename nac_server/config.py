@@ -17,3 +17,10 @@ class Limits:
     watch_queue: int = 1_024
     # Longest pause between two expiry sweeps; a sweep also runs when the next lease is due.
     sweep_interval_s: float = 1.0
+    # Longest Acquire wait a request may ask for.
+    max_wait_ms: int = 3_600_000
+    # How long a lost or force-released holder keeps blocking its nodes, unless the namespace's
+    # own setting says otherwise (Consul's default).
+    lock_delay_ms: int = 15_000
+    # A queued job is re-checked at least this often, and leaves the queue if its server stops.
+    waiter_liveness_ms: int = 10_000

@@ -61,6 +61,26 @@ class NotFound(NacError):
         super().__init__(f"no job {job_id} in {namespace}", namespace=namespace, job_id=job_id)
 
 
+class Deadlock(NacError):
+    reason = "DEADLOCK"
+
+    def __init__(self, namespace: str, job_id: str, cycle: str) -> None:
+        super().__init__(
+            f"waiting would deadlock: {cycle}", namespace=namespace, job_id=job_id, cycle=cycle
+        )
+
+
+class Unauthenticated(NacError):
+    reason = "NO_CREDENTIALS"
+
+    def __init__(self) -> None:
+        super().__init__("this call needs the operator role: authorization: Bearer <admin token>")
+
+
+class NotOperator(NacError):
+    reason = "NOT_OPERATOR"
+
+
 class Compacted(NacError):
     reason = "HISTORY_COMPACTED"
 
@@ -93,6 +113,9 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    Deadlock: grpc.StatusCode.ABORTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    NotOperator: grpc.StatusCode.PERMISSION_DENIED,
     Compacted: grpc.StatusCode.OUT_OF_RANGE,
     WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,

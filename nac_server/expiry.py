@@ -43,15 +43,22 @@ class Sweeper:
                 response = await self._store.expire(namespace, job)
                 if response.outcome is Outcome.RELEASED:
                     log.info(
-                        "expired ns=%s job=%s owner=%s op=%s token=%d rev=%d",
+                        "expired ns=%s job=%s owner=%s op=%s token=%d rev=%d delay_end=%d",
                         namespace,
                         job.job_id,
                         job.owner,
                         job.operation,
                         job.fencing_token,
                         response.revision,
+                        response.delay_end_ms,
                     )
-            if len(due.jobs) >= 100:
+            for waiter in due.waiters:
+                if await self._store.unwait(namespace, waiter, "lapsed"):
+                    log.info("wait lapsed ns=%s job=%s", namespace, waiter.job.job_id)
+            for job in due.delays:
+                if await self._store.end_delay(namespace, job):
+                    log.info("lock-delay ended ns=%s job=%s", namespace, job.job_id)
+            if max(len(due.jobs), len(due.waiters), len(due.delays)) >= 100:
                 pause = 0.0
             elif due.next_deadline_ms is not None:
                 until_due = (due.next_deadline_ms - due.now_ms + _LATE_MS) / 1000

@@ -44,6 +44,10 @@ def actions_in(mask: int) -> list[Action]:
 class ConflictKind(enum.IntEnum):
     HOLDER_DOES_NOT_ALLOW = 1
     HOLDER_REQUIRES = 2
+    # A lost holder whose nodes are in lock-delay: it may still be writing.
+    LOCK_DELAY = 3
+    # A job that queued earlier on the node and conflicts: fairness puts it first.
+    WAITING_AHEAD = 4
 
 
 @dataclass(frozen=True, order=True)
@@ -87,6 +91,8 @@ class Conflict:
     holder_job_id: str
     holder_owner: str
     holder_operation: str
+    # When a LOCK_DELAY ends, in ms of the store's clock; 0 for other kinds.
+    until_ms: int = 0
 
 
 def pair_conflicts(wanted: NodeAccess, holder: Job) -> list[Conflict]:
@@ -202,7 +208,11 @@ class Outcome(enum.Enum):
     EXISTING = "existing"
     WOULD_GRANT = "would_grant"
     REFUSED = "refused"
+    QUEUED = "queued"
+    DEADLOCK = "deadlock"
     ALREADY_EXISTS = "already_exists"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
     RELEASED = "released"
     NOT_HELD = "not_held"
     PERMISSION_DENIED = "permission_denied"
@@ -214,6 +224,12 @@ class Response:
     revision: int
     job: Job | None = None
     conflicts: tuple[Conflict, ...] = ()
+    # QUEUED: the job's place in each of its nodes' queues, 1 being next.
+    positions: tuple[int, ...] = ()
+    # DEADLOCK: the cycle of waiting owners, in words.
+    cycle: str = ""
+    # RELEASED by expiry or force: when the lock-delay on its nodes ends (0: none).
+    delay_end_ms: int = 0
 
 
 def step(state: State, request: Request) -> tuple[State, Response]:

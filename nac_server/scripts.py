@@ -29,12 +29,25 @@ class Scripts:
     due: AsyncScript
     snapshot: AsyncScript
     node: AsyncScript
+    update: AsyncScript
+    unwait: AsyncScript
+    undelay: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
         return cls(
             **{
                 name: redis.register_script(script_source(name))
-                for name in ("acquire", "release", "renew", "due", "snapshot", "node")
+                for name in (
+                    "acquire",
+                    "release",
+                    "renew",
+                    "due",
+                    "snapshot",
+                    "node",
+                    "update",
+                    "unwait",
+                    "undelay",
+                )
             }
         )

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_proto.nac.v1 import nac_pb2_grpc
 from nac_server.arbiter import Arbiter
+from nac_server.auth import OperatorCheck
 from nac_server.errors import ERROR_DOMAIN, STATUS_OF, InvalidArgument, NacError
 
 log = logging.getLogger("nac.rpc")
@@ -139,8 +140,9 @@ def streaming(
 
 
 class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, arbiter: Arbiter, operator_check: OperatorCheck) -> None:
         self.arbiter = arbiter
+        self.operator_check = operator_check
 
     @unary
     async def Acquire(self, request: pb.AcquireRequest, context: Any) -> pb.AcquireResponse:  # noqa: N802
@@ -162,11 +164,37 @@ class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
     async def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeState:  # noqa: N802
         return await self.arbiter.get_node(request)
 
+    @unary
+    async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:  # noqa: N802
+        return await self.arbiter.update(request)
+
+    @unary
+    async def ForceRelease(  # noqa: N802
+        self, request: pb.ForceReleaseRequest, context: Any
+    ) -> pb.ForceReleaseResponse:
+        self.operator_check(context.invocation_metadata())
+        return await self.arbiter.force_release(request, context.peer())
+
+    @unary
+    async def ConfigureNamespace(  # noqa: N802
+        self, request: pb.ConfigureNamespaceRequest, context: Any
+    ) -> pb.NamespaceConfig:
+        self.operator_check(context.invocation_metadata())
+        return await self.arbiter.configure_namespace(request)
+
+    @unary
+    async def GetNamespaceConfig(  # noqa: N802
+        self, request: pb.GetNamespaceConfigRequest, context: Any
+    ) -> pb.NamespaceConfig:
+        return await self.arbiter.get_namespace_config(request)
+
     @streaming
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchEvent]:  # noqa: N802
-        # Headers go out at once, so a watcher knows it is connected before any event exists.
-        await context.send_initial_metadata(())
-        async for event in self.arbiter.watch(checked(request)):
+        async def started(revision: int) -> None:
+            # Headers tell the watcher it is live, and from which revision, before any event.
+            await context.send_initial_metadata((("nac-start-revision", str(revision)),))
+
+        async for event in self.arbiter.watch(checked(request), started):
             yield event
 
     @streaming

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -60,11 +60,65 @@ class Keys:
     def events(self) -> str:
         return self.prefix + "events"
 
+    @property
+    def waiters(self) -> str:
+        return self.prefix + "waiters"
+
+    @property
+    def waitexp(self) -> str:
+        return self.prefix + "waitexp"
+
+    @property
+    def waitseq(self) -> str:
+        return self.prefix + "waitseq"
+
+    @property
+    def ghosts(self) -> str:
+        return self.prefix + "ghosts"
+
+    @property
+    def ghostjobs(self) -> str:
+        return self.prefix + "ghostjobs"
+
+    @property
+    def contended(self) -> str:
+        return self.prefix + "contended"
+
+    @property
+    def config(self) -> str:
+        return self.prefix + "config"
+
     def node(self, name: str) -> str:
         return self.prefix + "n:" + name
 
+    def queue(self, name: str) -> str:
+        return self.prefix + "q:" + name
+
 
 NAMESPACES_KEY = "nac:namespaces"
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A job queued by Acquire with a wait."""
+
+    job: Job
+    seq: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class LockDelay:
+    """A lost holder that still blocks its nodes until end_ms."""
+
+    job: Job
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class Contention:
+    waiter: Job
+    conflicts: tuple[Conflict, ...]
 
 
 @dataclass(frozen=True)
@@ -73,6 +127,16 @@ class StoredEvent:
     type: str
     job: Job
     time_ms: int
+    contention: Contention | None = None
+    reason: str = ""
+    actor: str = ""
+
+    def concerns(self, nodes: frozenset[str], job_ids: frozenset[str]) -> bool:
+        """Whether a watcher filtering on these nodes and job ids (empty: any) wants it."""
+        involved = [self.job, self.contention.waiter] if self.contention else [self.job]
+        if job_ids and not any(job.job_id in job_ids for job in involved):
+            return False
+        return not nodes or any(access.node in nodes for job in involved for access in job.nodes)
 
 
 @dataclass(frozen=True)
@@ -80,6 +144,8 @@ class Due:
     now_ms: int
     next_deadline_ms: int | None
     jobs: tuple[Job, ...]
+    waiters: tuple[Waiter, ...] = ()
+    delays: tuple[Job, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,24 +153,38 @@ class NodeView:
     revision: int
     tallies: dict[Action, Tally]
     holders: tuple[Job, ...]
+    waiters: tuple[Waiter, ...] = ()
+    delays: tuple[LockDelay, ...] = ()
 
 
-def decode_job(text: str) -> Job:
-    record = json.loads(text)
+def _job_from(record: dict[str, Any]) -> Job:
     return Job(
         job_id=record["id"],
         owner=record["owner"],
         operation=record["op"],
         nodes=tuple(NodeAccess(name, int(req), int(allow)) for name, req, allow in record["nodes"]),
-        fencing_token=int(record["token"]),
-        acquired_ms=int(record["acq"]),
-        expires_ms=int(record["exp"]),
-        ttl_ms=int(record["ttl"]),
+        fencing_token=int(record.get("token", 0)),
+        acquired_ms=int(record.get("acq", 0)),
+        expires_ms=int(record.get("exp", 0)),
+        ttl_ms=int(record.get("ttl", 0)),
     )
 
 
+def decode_job(text: str) -> Job:
+    return _job_from(json.loads(text))
+
+
+def decode_waiter(text: str) -> Waiter:
+    record = json.loads(text)
+    job = replace(_job_from(record), expires_ms=0)
+    return Waiter(job, int(record["seq"]), int(record["deadline"]))
+
+
+CONFLICT_WIDTH = 7
+
+
 def decode_conflicts(flat: Sequence[Any], nodes: Sequence[NodeAccess]) -> tuple[Conflict, ...]:
-    found = [
+    found = {
         Conflict(
             node=nodes[int(flat[i]) - 1].node,
             action=Action(int(flat[i + 1])),
@@ -112,9 +192,10 @@ def decode_conflicts(flat: Sequence[Any], nodes: Sequence[NodeAccess]) -> tuple[
             holder_job_id=flat[i + 3],
             holder_owner=flat[i + 4],
             holder_operation=flat[i + 5],
+            until_ms=int(flat[i + 6]),
         )
-        for i in range(0, len(flat), 6)
-    ]
+        for i in range(0, len(flat), CONFLICT_WIDTH)
+    }
     return tuple(sorted(found))
 
 
@@ -135,9 +216,19 @@ class _NodeListCache:
 
 
 class Store:
-    def __init__(self, redis: Redis, history: int = 10_000) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        history: int = 10_000,
+        lock_delay_ms: int = 15_000,
+        waiter_liveness_ms: int = 10_000,
+    ) -> None:
         self.redis = redis
         self.history = history
+        # The namespace default when its config names none.
+        self.lock_delay_ms = lock_delay_ms
+        # A queued job whose server stops re-checking it for this long leaves the queue.
+        self.waiter_liveness_ms = waiter_liveness_ms
         self.scripts = Scripts.register(redis)
         self._node_lists = _NodeListCache()
         self._registered_namespaces: set[str] = set()
@@ -151,66 +242,213 @@ class Store:
         nodes: Sequence[NodeAccess],
         ttl_ms: int,
         dry_run: bool = False,
+        wait_ms: int = 0,
     ) -> Response:
+        """Grant, refuse or (with wait_ms) queue; calling again for a queued job re-checks it."""
         keys = Keys(namespace)
         if not dry_run:
             await self._register_namespace(namespace)
         args: list[Any] = [job_id, owner, operation, ttl_ms, int(dry_run), self.history]
-        args.append(ACTION_COUNT)
+        args += [ACTION_COUNT, wait_ms, self.waiter_liveness_ms]
+        node_keys = []
         for access in nodes:
             args += [access.node, access.require, access.allow]
+            node_keys += [keys.node(access.node), keys.queue(access.node)]
         reply = await self.scripts.acquire(
-            keys=[keys.jobs, keys.leases, keys.revision, keys.fence, keys.events]
-            + [keys.node(access.node) for access in nodes],
+            keys=[
+                keys.jobs,
+                keys.leases,
+                keys.revision,
+                keys.fence,
+                keys.events,
+                keys.waiters,
+                keys.waitexp,
+                keys.waitseq,
+                keys.ghosts,
+                keys.ghostjobs,
+                keys.contended,
+                *node_keys,
+            ],
             args=args,
         )
         verdict, revision = reply[0], int(reply[1])
         if verdict == "refused":
-            return Response(Outcome.REFUSED, revision, conflicts=decode_conflicts(reply[2:], nodes))
+            return Response(Outcome.REFUSED, revision, conflicts=decode_conflicts(reply[3:], nodes))
+        if verdict == "queued":
+            return Response(
+                Outcome.QUEUED,
+                revision,
+                conflicts=decode_conflicts(reply[3:], nodes),
+                positions=tuple(int(position) for position in reply[2]),
+            )
+        if verdict == "deadlock":
+            return Response(Outcome.DEADLOCK, revision, cycle=reply[2])
         if verdict == "would_grant":
             return Response(Outcome.WOULD_GRANT, revision)
-        job = decode_job(reply[2])
         outcome = {
             "granted": Outcome.GRANTED,
             "existing": Outcome.EXISTING,
             "exists": Outcome.ALREADY_EXISTS,
         }[verdict]
+        text = reply[2]
+        job = decode_waiter(text).job if '"seq"' in text else decode_job(text)
         if outcome is not Outcome.ALREADY_EXISTS:
             self._node_lists.remember(namespace, job)
         return Response(outcome, revision, job)
 
     async def release(self, namespace: str, job_id: str, owner: str) -> Response:
-        return await self._end(
-            namespace, job_id, owner, "release", self._node_lists.take(namespace, job_id)
-        )
+        nodes = self._node_lists.take(namespace, job_id)
+        return await self._end(namespace, job_id, nodes, "release", owner)
 
     async def expire(self, namespace: str, job: Job) -> Response:
         """End a job whose lease ran out. Safe to run from every replica at once."""
         nodes = tuple(access.node for access in job.nodes)
-        return await self._end(namespace, job.job_id, "", "expire", nodes)
+        return await self._end(namespace, job.job_id, nodes, "expire")
+
+    async def force_release(self, namespace: str, job_id: str, reason: str, actor: str) -> Response:
+        nodes = self._node_lists.take(namespace, job_id)
+        return await self._end(namespace, job_id, nodes, "force", reason=reason, actor=actor)
 
     async def _end(
-        self, namespace: str, job_id: str, owner: str, mode: str, nodes: tuple[str, ...]
+        self,
+        namespace: str,
+        job_id: str,
+        nodes: tuple[str, ...],
+        mode: str,
+        owner: str = "",
+        reason: str = "",
+        actor: str = "",
     ) -> Response:
         keys = Keys(namespace)
         # The node list read outside the script may be stale; the script checks it and hands back
         # the job's real one. Two rounds always suffice unless the job changes in between.
         for _ in range(5):
             reply = await self.scripts.release(
-                keys=[keys.jobs, keys.leases, keys.revision, keys.events]
-                + [keys.node(name) for name in nodes],
-                args=[job_id, owner, mode, self.history, ACTION_COUNT],
+                keys=[
+                    keys.jobs,
+                    keys.leases,
+                    keys.revision,
+                    keys.events,
+                    keys.ghosts,
+                    keys.ghostjobs,
+                    keys.config,
+                    *(keys.node(name) for name in nodes),
+                ],
+                args=[
+                    job_id,
+                    owner,
+                    mode,
+                    self.history,
+                    ACTION_COUNT,
+                    self.lock_delay_ms,
+                    reason,
+                    actor,
+                ],
             )
             verdict, revision = reply[0], int(reply[1])
             if verdict == "retry":
                 nodes = tuple(access.node for access in decode_job(reply[2]).nodes)
                 continue
             if verdict == "released":
-                return Response(Outcome.RELEASED, revision, decode_job(reply[2]))
+                return Response(
+                    Outcome.RELEASED, revision, decode_job(reply[2]), delay_end_ms=int(reply[3])
+                )
             if verdict == "denied":
                 return Response(Outcome.PERMISSION_DENIED, revision, decode_job(reply[2]))
             return Response(Outcome.NOT_HELD, revision)
         raise RuntimeError(f"job {job_id} kept changing its nodes during release")
+
+    async def update(
+        self,
+        namespace: str,
+        job_id: str,
+        owner: str,
+        nodes: Sequence[NodeAccess],
+        dry_run: bool = False,
+    ) -> Response:
+        """Convert a held job; the job's current node list is looked up (one more round if the
+        cached one is stale)."""
+        keys = Keys(namespace)
+        current = self._node_lists.take(namespace, job_id)
+        args: list[Any] = [job_id, owner, int(dry_run), self.history, ACTION_COUNT]
+        requested: list[Any] = []
+        for access in nodes:
+            requested += [access.node, access.require, access.allow]
+        for _ in range(5):
+            reply = await self.scripts.update(
+                keys=[
+                    keys.jobs,
+                    keys.revision,
+                    keys.events,
+                    keys.ghosts,
+                    keys.ghostjobs,
+                    keys.contended,
+                    *(keys.node(name) for name in current),
+                    *(keys.node(access.node) for access in nodes),
+                ],
+                args=[*args, len(current), *requested],
+            )
+            verdict, revision = reply[0], int(reply[1])
+            if verdict == "absent":
+                return Response(Outcome.NOT_HELD, revision)
+            job = decode_job(reply[2])
+            if verdict == "retry":
+                current = tuple(access.node for access in job.nodes)
+                continue
+            if verdict != "denied":
+                self._node_lists.remember(namespace, job)
+            outcome = {
+                "updated": Outcome.UPDATED,
+                "unchanged": Outcome.UNCHANGED,
+                "would_update": Outcome.WOULD_GRANT,
+                "refused": Outcome.REFUSED,
+                "denied": Outcome.PERMISSION_DENIED,
+            }[verdict]
+            return Response(outcome, revision, job, conflicts=decode_conflicts(reply[3:], nodes))
+        raise RuntimeError(f"job {job_id} kept changing its nodes during update")
+
+    async def unwait(self, namespace: str, waiter: Waiter, mode: str = "leave") -> bool:
+        """Take a queued job out of its queues; False if it was not queued (any more)."""
+        keys = Keys(namespace)
+        nodes = tuple(access.node for access in waiter.job.nodes)
+        for _ in range(5):
+            reply = await self.scripts.unwait(
+                keys=[
+                    keys.waiters,
+                    keys.waitexp,
+                    keys.revision,
+                    keys.events,
+                    *(keys.queue(name) for name in nodes),
+                ],
+                args=[waiter.job.job_id, mode, self.history],
+            )
+            if reply[0] == "retry":
+                nodes = tuple(access.node for access in decode_waiter(reply[2]).job.nodes)
+                continue
+            return bool(reply[0] == "left")
+        raise RuntimeError(f"waiter {waiter.job.job_id} kept changing its nodes")
+
+    async def end_delay(self, namespace: str, job: Job) -> bool:
+        """End a lock-delay that is over; False if there was none or it is still running."""
+        keys = Keys(namespace)
+        reply = await self.scripts.undelay(
+            keys=[
+                keys.ghosts,
+                keys.ghostjobs,
+                keys.revision,
+                keys.events,
+                *(keys.node(access.node) for access in job.nodes),
+            ],
+            args=[job.job_id, self.history, ACTION_COUNT],
+        )
+        return bool(reply[0] == "ended")
+
+    async def lock_delay_of(self, namespace: str) -> int:
+        configured = await self.redis.hget(Keys(namespace).config, "lock_delay_ms")
+        return self.lock_delay_ms if configured is None else int(configured)
+
+    async def set_lock_delay(self, namespace: str, lock_delay_ms: int) -> None:
+        await self.redis.hset(Keys(namespace).config, "lock_delay_ms", str(lock_delay_ms))
 
     async def renew(self, namespace: str, job_id: str, owner: str) -> Response:
         keys = Keys(namespace)
@@ -223,19 +461,26 @@ class Store:
 
     async def due(self, namespace: str, limit: int = 100) -> Due:
         keys = Keys(namespace)
-        reply = await self.scripts.due(keys=[keys.leases, keys.jobs], args=[limit])
+        reply = await self.scripts.due(
+            keys=[keys.leases, keys.jobs, keys.waitexp, keys.waiters, keys.ghosts, keys.ghostjobs],
+            args=[limit],
+        )
         next_deadline = int(reply[1])
         return Due(
             now_ms=int(reply[0]),
             next_deadline_ms=None if next_deadline < 0 else next_deadline,
-            jobs=tuple(decode_job(text) for text in reply[2:]),
+            jobs=tuple(decode_job(text) for text in reply[2]),
+            waiters=tuple(decode_waiter(text) for text in reply[3]),
+            delays=tuple(decode_job(text) for text in reply[4]),
         )
 
-    async def snapshot(self, namespace: str) -> tuple[int, tuple[Job, ...]]:
+    async def snapshot(self, namespace: str) -> tuple[int, tuple[Job, ...], tuple[Waiter, ...]]:
+        """The current jobs and waiters (oldest first) and their revision, read atomically."""
         keys = Keys(namespace)
-        reply = await self.scripts.snapshot(keys=[keys.jobs, keys.revision], args=[])
-        jobs = sorted((decode_job(text) for text in reply[1:]), key=lambda job: job.job_id)
-        return int(reply[0]), tuple(jobs)
+        reply = await self.scripts.snapshot(keys=[keys.jobs, keys.revision, keys.waiters], args=[])
+        jobs = sorted((decode_job(text) for text in reply[1]), key=lambda job: job.job_id)
+        waiters = sorted((decode_waiter(text) for text in reply[2]), key=lambda w: w.seq)
+        return int(reply[0]), tuple(jobs), tuple(waiters)
 
     async def job(self, namespace: str, job_id: str) -> Job | None:
         text = await self.redis.hget(Keys(namespace).jobs, job_id)
@@ -244,18 +489,34 @@ class Store:
     async def node(self, namespace: str, name: str) -> NodeView:
         keys = Keys(namespace)
         reply = await self.scripts.node(
-            keys=[keys.node(name), keys.jobs, keys.revision], args=[ACTION_COUNT]
+            keys=[
+                keys.node(name),
+                keys.queue(name),
+                keys.jobs,
+                keys.revision,
+                keys.waiters,
+                keys.ghosts,
+                keys.ghostjobs,
+            ],
+            args=[ACTION_COUNT],
         )
         holder_count = int(reply[1])
-        counts = reply[2 : 2 + ACTION_COUNT]
         tallies = {
             action: Tally(required_by=int(required), not_allowed_by=holder_count - int(allowed))
-            for action, (required, allowed) in zip(Action, counts, strict=True)
+            for action, (required, allowed) in zip(Action, reply[2], strict=True)
         }
-        holders = sorted(
-            (decode_job(text) for text in reply[2 + ACTION_COUNT :]), key=lambda job: job.job_id
+        holders = sorted((decode_job(text) for text in reply[3]), key=lambda job: job.job_id)
+        ghosts = reply[5]
+        delays = [
+            LockDelay(decode_job(ghosts[i]), int(ghosts[i + 1])) for i in range(0, len(ghosts), 2)
+        ]
+        return NodeView(
+            int(reply[0]),
+            tallies,
+            tuple(holders),
+            tuple(decode_waiter(text) for text in reply[4]),
+            tuple(delays),
         )
-        return NodeView(int(reply[0]), tallies, tuple(holders))
 
     async def revision(self, namespace: str) -> int:
         return int(await self.redis.get(Keys(namespace).revision) or 0)
@@ -307,9 +568,17 @@ class Store:
 
 
 def _decode_entry(entry_id: str, fields: dict[str, str]) -> StoredEvent:
+    contention = None
+    if "waiter" in fields:
+        waiter = decode_job(fields["waiter"])
+        flat = json.loads(fields["conflicts"])
+        contention = Contention(waiter, decode_conflicts(flat, waiter.nodes))
     return StoredEvent(
         revision=int(entry_id.split("-", 1)[0]),
         type=fields["type"],
         job=decode_job(fields["job"]),
         time_ms=int(fields["t"]),
+        contention=contention,
+        reason=fields.get("reason", ""),
+        actor=fields.get("actor", ""),
     )

@@ -87,18 +87,29 @@ def nodes(requested: Sequence[pb.NodeAccess], limits: Limits) -> tuple[NodeAcces
     return tuple(checked)
 
 
+def milliseconds(duration: Duration, field: str) -> int:
+    if duration.seconds < 0 or duration.nanos < 0 or duration.nanos >= 1_000_000_000:
+        raise InvalidArgument(field, "must not be negative")
+    return int(duration.seconds * 1000 + duration.nanos // 1_000_000)
+
+
 def ttl_ms(duration: Duration, present: bool, limits: Limits) -> int:
     if not present:
         return limits.default_ttl_ms
-    if duration.seconds < 0 or duration.nanos < 0 or duration.nanos >= 1_000_000_000:
-        raise InvalidArgument("ttl", "must be a positive duration")
-    milliseconds = duration.seconds * 1000 + duration.nanos // 1_000_000
-    if not limits.min_ttl_ms <= milliseconds <= limits.max_ttl_ms:
+    milliseconds_ = milliseconds(duration, "ttl")
+    if not limits.min_ttl_ms <= milliseconds_ <= limits.max_ttl_ms:
         raise InvalidArgument(
             "ttl",
-            f"{milliseconds} ms is outside {limits.min_ttl_ms}..{limits.max_ttl_ms} ms",
+            f"{milliseconds_} ms is outside {limits.min_ttl_ms}..{limits.max_ttl_ms} ms",
         )
-    return milliseconds
+    return milliseconds_
+
+
+def wait_ms(duration: Duration, limits: Limits) -> int:
+    waited = milliseconds(duration, "wait")
+    if waited > limits.max_wait_ms:
+        raise InvalidArgument("wait", f"{waited} ms is above the maximum {limits.max_wait_ms} ms")
+    return waited
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,7 @@ class AcquireCommand:
     nodes: tuple[NodeAccess, ...]
     ttl_ms: int
     dry_run: bool
+    wait_ms: int
 
 
 def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
@@ -123,6 +135,7 @@ def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
         nodes=nodes(request.nodes, limits),
         ttl_ms=ttl_ms(request.ttl, request.HasField("ttl"), limits),
         dry_run=request.dry_run,
+        wait_ms=wait_ms(request.wait, limits),
     )
 
 
@@ -130,6 +143,7 @@ def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
 class WatchCommand:
     namespace: str
     nodes: frozenset[str]
+    job_ids: frozenset[str]
     start_revision: int
     snapshot: bool
 
@@ -142,6 +156,28 @@ def watch(request: pb.WatchRequest) -> WatchCommand:
         nodes=frozenset(
             node_name(name, f"nodes[{index}]") for index, name in enumerate(request.nodes)
         ),
+        job_ids=frozenset(
+            job_id(name, f"job_ids[{index}]") for index, name in enumerate(request.job_ids)
+        ),
         start_revision=request.start_revision,
         snapshot=request.snapshot,
+    )
+
+
+@dataclass(frozen=True)
+class UpdateCommand:
+    namespace: str
+    job_id: str
+    owner: str
+    nodes: tuple[NodeAccess, ...]
+    dry_run: bool
+
+
+def update(request: pb.UpdateRequest, limits: Limits) -> UpdateCommand:
+    return UpdateCommand(
+        namespace=namespace(request.namespace),
+        job_id=job_id(request.job_id),
+        owner=owner(request.owner),
+        nodes=nodes(request.nodes, limits),
+        dry_run=request.dry_run,
     )

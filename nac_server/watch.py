@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.exceptions
@@ -37,6 +37,8 @@ class Subscription:
 class _Feed:
     subscribers: set[Subscription] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    # Set once the feed knows the revision it follows from: events after it reach subscribers.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EventHub:
@@ -46,14 +48,18 @@ class EventHub:
         self._feeds: dict[str, _Feed] = {}
         self.closing = asyncio.Event()
 
-    @contextlib.contextmanager
-    def subscribe(self, namespace: str) -> Iterator[Subscription]:
+    @contextlib.asynccontextmanager
+    async def subscribe(self, namespace: str) -> AsyncIterator[Subscription]:
+        """Events of the namespace from now on; anything earlier is in the store's history."""
         feed = self._feeds.setdefault(namespace, _Feed())
         subscription = Subscription(asyncio.Queue(self._queue_size))
         feed.subscribers.add(subscription)
         if feed.task is None:
             feed.task = asyncio.create_task(self._follow(namespace, feed))
         try:
+            # Until the feed has its starting revision, an event could fall between it and a
+            # history read made now.
+            await feed.ready.wait()
             yield subscription
         finally:
             feed.subscribers.discard(subscription)
@@ -67,6 +73,7 @@ class EventHub:
             try:
                 if after is None:
                     after = await self._store.revision(namespace)
+                    feed.ready.set()
                 events = await self._store.wait_events(namespace, after, _READ_BLOCK_MS)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
                 log.warning("event feed for %s: %s; retrying", namespace, error)
@@ -87,17 +94,22 @@ class EventHub:
                 feed.task.cancel()
 
 
-def _concerns(event_job_nodes: tuple[str, ...], nodes: frozenset[str]) -> bool:
-    return not nodes or any(name in nodes for name in event_job_nodes)
-
-
-async def watch(hub: EventHub, store: Store, command: WatchCommand) -> AsyncIterator[pb.WatchEvent]:
+async def watch(
+    hub: EventHub,
+    store: Store,
+    command: WatchCommand,
+    on_start: Callable[[int], Awaitable[None]],
+) -> AsyncIterator[pb.WatchEvent]:
+    """The watch's events; on_start gets the first revision it will send, once every event from
+    there on is sure to be sent."""
     namespace = command.namespace
-    with hub.subscribe(namespace) as subscription:
+    async with hub.subscribe(namespace) as subscription:
         if command.snapshot:
-            revision, jobs = await store.snapshot(namespace)
+            revision, jobs, _ = await store.snapshot(namespace)
+            await on_start(revision)
             for job in jobs:
-                if _concerns(tuple(access.node for access in job.nodes), command.nodes):
+                as_event = StoredEvent(revision, "SNAPSHOT", job, 0)
+                if as_event.concerns(command.nodes, command.job_ids):
                     yield pb.WatchEvent(
                         revision=revision,
                         type=pb.WatchEvent.SNAPSHOT,
@@ -107,11 +119,13 @@ async def watch(hub: EventHub, store: Store, command: WatchCommand) -> AsyncIter
             next_revision = revision + 1
         elif command.start_revision:
             next_revision = command.start_revision
+            await on_start(next_revision)
         else:
             next_revision = await store.revision(namespace) + 1
+            await on_start(next_revision)
 
         def relevant(event: StoredEvent) -> bool:
-            return _concerns(tuple(access.node for access in event.job.nodes), command.nodes)
+            return event.concerns(command.nodes, command.job_ids)
 
         while True:
             # Replay history until it is exhausted.
@@ -124,7 +138,7 @@ async def watch(hub: EventHub, store: Store, command: WatchCommand) -> AsyncIter
             while True:
                 if subscription.overflowed:
                     raise WatcherTooSlow(next_revision)
-                event = await _next_event(hub, subscription, next_revision)
+                event = await next_event(hub, subscription, next_revision)
                 if event.revision < next_revision:
                     continue
                 if event.revision > next_revision:
@@ -134,7 +148,7 @@ async def watch(hub: EventHub, store: Store, command: WatchCommand) -> AsyncIter
                 next_revision += 1
 
 
-async def _next_event(hub: EventHub, subscription: Subscription, resume: int) -> StoredEvent:
+async def next_event(hub: EventHub, subscription: Subscription, resume: int) -> StoredEvent:
     getter = asyncio.ensure_future(subscription.queue.get())
     closing = asyncio.ensure_future(hub.closing.wait())
     try:

@@ -13,6 +13,9 @@ from nac_server.store import Store
 from tests.servers import ServerProcess
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
 @pytest.fixture(scope="session")
 def redis_process() -> Iterator[RedisProcess]:
     with RedisProcess() as process:
@@ -45,8 +48,11 @@ def servers(
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two replicas sharing one Redis, as operators run them."""
     logs = tmp_path_factory.mktemp("servers")
-    first = ServerProcess(e2e_redis.url, log_path=logs / "first.log").start()
-    second = ServerProcess(e2e_redis.url, log_path=logs / "second.log").start()
+    # No lock-delay by default, so expiry tests see nodes free at once; lock-delay tests set
+    # their namespace's own through ConfigureNamespace with the admin token.
+    flags = ("--lock-delay", "0", "--admin-token", ADMIN_TOKEN)
+    first = ServerProcess(e2e_redis.url, *flags, log_path=logs / "first.log").start()
+    second = ServerProcess(e2e_redis.url, *flags, log_path=logs / "second.log").start()
     try:
         yield first, second
     finally:

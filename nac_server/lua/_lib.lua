@@ -1,10 +1,16 @@
 -- Shared helpers, prepended to every script when it is loaded (see nac_server/scripts.py).
 --
 -- Node hash (nac:{ns}:n:<node>): "n" holder count, "r<i>" holders requiring action i, "a<i>"
--- holders allowing action i, "h:<job_id>" the holder's "require,allow" masks. Storing allow counts
--- (not refusal counts) keeps old data right when an action is added: nobody allows it yet.
+-- holders allowing action i, "h:<job_id>" the holder's "require,allow" masks, and "g:<job_id>"
+-- the masks of a lost holder in lock-delay, which still counts as a holder until the delay ends.
+-- Storing allow counts (not refusal counts) keeps old data right when an action is added: nobody
+-- allows it yet.
 -- Job hash (nac:{ns}:jobs): job_id -> JSON record
 --   {id, owner, op, nodes = {{name, require, allow}, ...}, token, acq, exp, ttl}
+-- Waiter hash (nac:{ns}:waiters): job_id -> JSON record
+--   {id, owner, op, nodes, ttl, seq, deadline, exp, blocked = {{owner, job_id}, ...}}
+-- Queue zset (nac:{ns}:q:<node>): waiting job_id -> seq, the order in which they queued.
+-- Lock-delay: zset nac:{ns}:ghosts job_id -> end ms, hash nac:{ns}:ghostjobs job_id -> job JSON.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -55,27 +61,74 @@ local function node_refuses(node_key, require, allow, nactions, own_masks)
   return false
 end
 
--- Appends every conflict on one node to out as flat groups of six:
--- node index, action, kind (1 holder does not allow, 2 holder requires), holder id, owner, op.
-local function explain_node(out, jobs_key, node_key, index, require, allow, nactions, self_id)
+-- Conflicts travel as flat groups of seven: node index, action, kind, holder id, holder owner,
+-- holder operation, and the end of a lock-delay in ms (0 for other kinds).
+-- Kinds: 1 holder does not allow, 2 holder requires, 3 lock-delay, 4 a job queued earlier.
+local KIND_DOES_NOT_ALLOW, KIND_REQUIRES, KIND_LOCK_DELAY, KIND_WAITING_AHEAD = 1, 2, 3, 4
+
+local function push_conflict(out, index, action, kind, holder_id, record, delay_end)
+  for _, v in ipairs({index, action, kind, holder_id, record.owner, record.op, delay_end}) do
+    out[#out + 1] = v
+  end
+end
+
+-- The actions on which masks (require, allow) and another job's (other_require, other_allow)
+-- conflict, as {action, kind} pairs.
+local function pair_conflicts(require, allow, other_require, other_allow, nactions)
+  local found = {}
+  for i = 1, nactions do
+    if has(require, i) and not has(other_allow, i) then
+      found[#found + 1] = {i, KIND_DOES_NOT_ALLOW}
+    end
+    if has(other_require, i) and not has(allow, i) then
+      found[#found + 1] = {i, KIND_REQUIRES}
+    end
+  end
+  return found
+end
+
+-- Appends every conflict with the holders and lost holders of one node to out.
+local function explain_node(out, keys, node_key, index, require, allow, nactions, self_id)
   local flat = redis.call('HGETALL', node_key)
   for k = 1, #flat, 2 do
-    local name = flat[k]
-    if string.sub(name, 1, 2) == 'h:' then
-      local holder_id = string.sub(name, 3)
-      if holder_id ~= self_id then
-        local held_require, held_allow = parse_masks(flat[k + 1])
-        local record = cjson.decode(redis.call('HGET', jobs_key, holder_id))
-        for i = 1, nactions do
-          if has(require, i) and not has(held_allow, i) then
-            for _, v in ipairs({index, i, 1, holder_id, record.owner, record.op}) do
-              out[#out + 1] = v
+    local prefix, holder_id = string.sub(flat[k], 1, 2), string.sub(flat[k], 3)
+    if (prefix == 'h:' or prefix == 'g:') and holder_id ~= self_id then
+      local held_require, held_allow = parse_masks(flat[k + 1])
+      local found = pair_conflicts(require, allow, held_require, held_allow, nactions)
+      if #found > 0 then
+        if prefix == 'h:' then
+          local record = cjson.decode(redis.call('HGET', keys.jobs, holder_id))
+          for _, c in ipairs(found) do
+            push_conflict(out, index, c[1], c[2], holder_id, record, 0)
+          end
+        else
+          local record = cjson.decode(redis.call('HGET', keys.ghostjobs, holder_id))
+          local delay_end = tonumber(redis.call('ZSCORE', keys.ghosts, holder_id) or '0')
+          local seen = {}
+          for _, c in ipairs(found) do
+            if not seen[c[1]] then
+              seen[c[1]] = true
+              push_conflict(out, index, c[1], KIND_LOCK_DELAY, holder_id, record, delay_end)
             end
           end
-          if has(held_require, i) and not has(allow, i) then
-            for _, v in ipairs({index, i, 2, holder_id, record.owner, record.op}) do
-              out[#out + 1] = v
-            end
+        end
+      end
+    end
+  end
+end
+
+-- Appends conflicts with the jobs queued on a node before seq (all of them when seq is nil).
+local function explain_queue(out, keys, queue_key, node_name, index, require, allow, nactions, seq)
+  local upper = seq and ('(' .. seq) or '+inf'
+  for _, waiter_id in ipairs(redis.call('ZRANGEBYSCORE', queue_key, '-inf', upper)) do
+    local record = cjson.decode(redis.call('HGET', keys.waiters, waiter_id))
+    for _, node in ipairs(record.nodes) do
+      if node[1] == node_name then
+        local seen = {}
+        for _, c in ipairs(pair_conflicts(require, allow, node[2], node[3], nactions)) do
+          if not seen[c[1]] then
+            seen[c[1]] = true
+            push_conflict(out, index, c[1], KIND_WAITING_AHEAD, waiter_id, record, 0)
           end
         end
       end
@@ -92,8 +145,9 @@ local function add_holder(node_key, job_id, require, allow, nactions)
   redis.call('HSET', node_key, 'h:' .. job_id, require .. ',' .. allow)
 end
 
-local function remove_holder(node_key, job_id, nactions)
-  local masks = redis.call('HGET', node_key, 'h:' .. job_id)
+-- Removes a holder ("h:") or lost holder ("g:") entry and its counts.
+local function remove_holder(node_key, field, nactions)
+  local masks = redis.call('HGET', node_key, field)
   if not masks then
     return
   end
@@ -106,33 +160,103 @@ local function remove_holder(node_key, job_id, nactions)
     if has(require, i) then redis.call('HINCRBY', node_key, 'r' .. i, -1) end
     if has(allow, i) then redis.call('HINCRBY', node_key, 'a' .. i, -1) end
   end
-  redis.call('HDEL', node_key, 'h:' .. job_id)
+  redis.call('HDEL', node_key, field)
 end
 
 -- Takes the next revision and appends the event with it as the stream id, so that a revision
--- names exactly one event.
-local function emit(rev_key, events_key, maxlen, event_type, record_json, now)
+-- names exactly one event. extra: more field/value pairs (contention, reason, actor).
+local function emit(rev_key, events_key, maxlen, event_type, record_json, now, extra)
   local revision = redis.call('INCR', rev_key)
-  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, revision .. '-0',
-    'type', event_type, 'job', record_json, 't', now)
+  local fields = {'type', event_type, 'job', record_json, 't', now}
+  for _, v in ipairs(extra or {}) do
+    fields[#fields + 1] = v
+  end
+  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, revision .. '-0', unpack(fields))
   return revision
+end
+
+-- The namespace's keys, named from KEYS[1], which is the key called first_name.
+local function namespace_keys(first_name)
+  local prefix = string.sub(KEYS[1], 1, -(#first_name + 1))
+  return {
+    prefix = prefix, jobs = prefix .. 'jobs', leases = prefix .. 'leases', rev = prefix .. 'rev',
+    fence = prefix .. 'fence', events = prefix .. 'events', waiters = prefix .. 'waiters',
+    waitexp = prefix .. 'waitexp', waitseq = prefix .. 'waitseq', ghosts = prefix .. 'ghosts',
+    ghostjobs = prefix .. 'ghostjobs', contended = prefix .. 'contended',
+    config = prefix .. 'config',
+  }
+end
+
+-- Scripts may touch only keys they were given; this checks that the caller passed the expected
+-- namespace keys in KEYS[1..#names], in that order.
+local function expect_keys(keys, names)
+  for i, name in ipairs(names) do
+    if KEYS[i] ~= keys[name] then
+      return redis.error_reply('KEYS[' .. i .. '] must be ' .. keys[name])
+    end
+  end
+  return nil
 end
 
 local function current_revision(rev_key)
   return tonumber(redis.call('GET', rev_key) or '0')
 end
 
--- Node keys are the job-table key's prefix + 'n:' + name; a caller that passed keys for other
--- nodes than the job holds gets the right names back and calls again.
-local function node_keys_match(jobs_key, record, keys, first)
-  local prefix = string.sub(jobs_key, 1, -5) .. 'n:'
-  if #keys - first + 1 ~= #record.nodes then
+-- Node keys are the namespace prefix + 'n:' + name, queue keys prefix + 'q:' + name. A caller
+-- that passed keys for other nodes than the record holds gets the record back and calls again.
+local function node_keys_match(prefix, record, first, kinds)
+  if #KEYS - first + 1 ~= #record.nodes * #kinds then
     return false
   end
   for i, node in ipairs(record.nodes) do
-    if keys[first + i - 1] ~= prefix .. node[1] then
-      return false
+    for k, kind in ipairs(kinds) do
+      if KEYS[first + (i - 1) * #kinds + k - 1] ~= prefix .. kind .. node[1] then
+        return false
+      end
     end
   end
   return true
+end
+
+-- Records that waiter_json was kept out by holder_id, at most once per pair per second.
+local function note_contention(keys, maxlen, holder_id, waiter_id, waiter_json, conflicts, now)
+  local pair = holder_id .. '\n' .. waiter_id
+  local last = tonumber(redis.call('HGET', keys.contended, pair) or '-1000000')
+  if now - last < 1000 then
+    return
+  end
+  if redis.call('HLEN', keys.contended) > 10000 then
+    -- Pairs older than a second no longer limit anything.
+    local flat = redis.call('HGETALL', keys.contended)
+    for k = 1, #flat, 2 do
+      if now - tonumber(flat[k + 1]) >= 1000 then
+        redis.call('HDEL', keys.contended, flat[k])
+      end
+    end
+  end
+  redis.call('HSET', keys.contended, pair, now)
+  local holder_json = redis.call('HGET', keys.jobs, holder_id)
+  emit(keys.rev, keys.events, maxlen, 'CONTENDED', holder_json, now,
+    {'waiter', waiter_json, 'conflicts', cjson.encode(conflicts)})
+end
+
+-- Emits CONTENDED for every live holder among the flat conflict groups.
+local function note_contentions(keys, maxlen, conflicts, waiter_id, waiter_json, now)
+  local by_holder, order = {}, {}
+  for g = 1, #conflicts, 7 do
+    local kind, holder_id = conflicts[g + 2], conflicts[g + 3]
+    if kind == KIND_DOES_NOT_ALLOW or kind == KIND_REQUIRES then
+      if not by_holder[holder_id] then
+        by_holder[holder_id] = {}
+        order[#order + 1] = holder_id
+      end
+      local list = by_holder[holder_id]
+      for k = 0, 6 do
+        list[#list + 1] = conflicts[g + k]
+      end
+    end
+  end
+  for _, holder_id in ipairs(order) do
+    note_contention(keys, maxlen, holder_id, waiter_id, waiter_json, by_holder[holder_id], now)
+  end
 end

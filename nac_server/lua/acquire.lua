@@ -1,77 +1,204 @@
--- Acquire: grant a job on all of its nodes or on none.
+-- Acquire: grant a job on all of its nodes or on none; with a wait, queue it when refused.
 --
--- KEYS[1] jobs hash, KEYS[2] lease zset, KEYS[3] revision counter, KEYS[4] fencing counter,
--- KEYS[5] event stream, KEYS[6..] one node hash per requested node, in request order.
+-- KEYS[1] jobs, KEYS[2] leases, KEYS[3] rev, KEYS[4] fence, KEYS[5] events, KEYS[6] waiters,
+-- KEYS[7] waitexp, KEYS[8] waitseq, KEYS[9] ghosts, KEYS[10] ghostjobs, KEYS[11] contended
+-- (all nac:{ns}:<name>), then per requested node, in request order: its node hash and its queue.
 -- ARGV[1] job id, ARGV[2] owner, ARGV[3] operation, ARGV[4] ttl in ms, ARGV[5] "1" for a dry run,
--- ARGV[6] event history cap, ARGV[7] number of actions,
--- ARGV[8..] per node: name, require mask, allow mask.
+-- ARGV[6] event history cap, ARGV[7] number of actions, ARGV[8] wait in ms (0: answer at once),
+-- ARGV[9] waiter liveness in ms, ARGV[10..] per node: name, require mask, allow mask.
 --
 -- Returns one of
 --   {"granted", revision, job_json}       the job now holds every node
 --   {"existing", revision, job_json}      the same job was already held (a retry)
---   {"exists", revision, job_json}        the id is held with other content
+--   {"exists", revision, job_json}        the id is held or waiting with other content
 --   {"would_grant", revision}             dry run, no conflict
---   {"refused", revision, c1...}          conflicts as flat groups of six (see explain_node)
--- A retry of a granted call finds the job and answers "existing", so no token is taken twice.
+--   {"refused", revision, {}, c...}       conflicts as flat groups of seven (see _lib)
+--   {"queued", revision, {position per node}, c...}   waiting; call again to re-check
+--   {"deadlock", revision, cycle}         queuing would close a cycle of waiting owners
+-- A job conflicts with the holders and lost holders of its nodes, and with the jobs queued there
+-- before it (fairness). A retry of a granted call answers "existing", so no token is taken twice;
+-- a call for a queued job re-checks it in its place and refreshes its liveness.
 
-local jobs_key, leases_key, rev_key, fence_key, events_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local FIXED = 11
+local keys = namespace_keys('jobs')
+local bad = expect_keys(keys, {'jobs', 'leases', 'rev', 'fence', 'events', 'waiters', 'waitexp',
+  'waitseq', 'ghosts', 'ghostjobs', 'contended'})
+if bad then return bad end
+
 local job_id, owner, operation = ARGV[1], ARGV[2], ARGV[3]
 local ttl, dry_run, maxlen, nactions = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
+local wait, liveness = tonumber(ARGV[8]), tonumber(ARGV[9])
 
 local nodes = {}
-for i = 8, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   nodes[#nodes + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
 end
+local function node_key(i) return KEYS[FIXED + 2 * i - 1] end
+local function queue_key(i) return KEYS[FIXED + 2 * i] end
 
-if not dry_run then
-  local stored = redis.call('HGET', jobs_key, job_id)
-  if stored then
-    local record = cjson.decode(stored)
-    local same = record.owner == owner and record.op == operation and #record.nodes == #nodes
-    if same then
-      local wanted = {}
-      for _, node in ipairs(nodes) do
-        wanted[node[1]] = node[2] .. ',' .. node[3]
-      end
-      for _, node in ipairs(record.nodes) do
-        if wanted[node[1]] ~= node[2] .. ',' .. node[3] then
-          same = false
-        end
-      end
+local function same_content(record)
+  if record.owner ~= owner or record.op ~= operation or #record.nodes ~= #nodes then
+    return false
+  end
+  local wanted = {}
+  for _, node in ipairs(nodes) do
+    wanted[node[1]] = node[2] .. ',' .. node[3]
+  end
+  for _, node in ipairs(record.nodes) do
+    if wanted[node[1]] ~= node[2] .. ',' .. node[3] then
+      return false
     end
-    return {same and 'existing' or 'exists', current_revision(rev_key), stored}
+  end
+  return true
+end
+
+local waiting = nil
+if not dry_run then
+  local stored = redis.call('HGET', keys.jobs, job_id)
+  if stored then
+    return {same_content(cjson.decode(stored)) and 'existing' or 'exists',
+      current_revision(keys.rev), stored}
+  end
+  local queued = redis.call('HGET', keys.waiters, job_id)
+  if queued then
+    waiting = cjson.decode(queued)
+    if not same_content(waiting) then
+      return {'exists', current_revision(keys.rev), queued}
+    end
   end
 end
 
-local refusing = {}
+local conflicts = {}
 for i, node in ipairs(nodes) do
-  if node_refuses(KEYS[5 + i], node[2], node[3], nactions, nil) then
-    refusing[#refusing + 1] = i
+  if node_refuses(node_key(i), node[2], node[3], nactions, nil) then
+    explain_node(conflicts, keys, node_key(i), i, node[2], node[3], nactions, nil)
   end
+  explain_queue(conflicts, keys, queue_key(i), node[1], i, node[2], node[3], nactions,
+    waiting and waiting.seq or nil)
 end
 
-if #refusing > 0 then
-  local reply = {'refused', current_revision(rev_key)}
-  for _, i in ipairs(refusing) do
-    explain_node(reply, jobs_key, KEYS[5 + i], i, nodes[i][2], nodes[i][3], nactions, nil)
+local function reply_with(verdict, third)
+  local reply = {verdict, current_revision(keys.rev), third}
+  for _, v in ipairs(conflicts) do
+    reply[#reply + 1] = v
   end
   return reply
 end
 
 if dry_run then
-  return {'would_grant', current_revision(rev_key)}
+  if #conflicts > 0 then return reply_with('refused', {}) end
+  return {'would_grant', current_revision(keys.rev)}
 end
 
 local now = now_ms()
-local record = {
-  id = job_id, owner = owner, op = operation, nodes = nodes,
-  token = redis.call('INCR', fence_key), acq = now, exp = now + ttl, ttl = ttl,
-}
-local record_json = cjson.encode(record)
-redis.call('HSET', jobs_key, job_id, record_json)
-redis.call('ZADD', leases_key, record.exp, job_id)
-for i, node in ipairs(nodes) do
-  add_holder(KEYS[5 + i], job_id, node[2], node[3], nactions)
+
+local function leave_queue()
+  redis.call('HDEL', keys.waiters, job_id)
+  redis.call('ZREM', keys.waitexp, job_id)
+  for i = 1, #nodes do
+    redis.call('ZREM', queue_key(i), job_id)
+  end
 end
-local revision = emit(rev_key, events_key, maxlen, 'ACQUIRED', record_json, now)
-return {'granted', revision, record_json}
+
+if #conflicts == 0 then
+  if waiting then leave_queue() end
+  local record = {
+    id = job_id, owner = owner, op = operation, nodes = nodes,
+    token = redis.call('INCR', keys.fence), acq = now, exp = now + ttl, ttl = ttl,
+  }
+  local record_json = cjson.encode(record)
+  redis.call('HSET', keys.jobs, job_id, record_json)
+  redis.call('ZADD', keys.leases, record.exp, job_id)
+  for i, node in ipairs(nodes) do
+    add_holder(node_key(i), job_id, node[2], node[3], nactions)
+  end
+  local revision = emit(keys.rev, keys.events, maxlen, 'ACQUIRED', record_json, now)
+  return {'granted', revision, record_json}
+end
+
+-- Who keeps this job out: the wait-for edges of the deadlock check.
+local blocked, seen = {}, {}
+for g = 1, #conflicts, 7 do
+  local kind, holder_id, holder_owner = conflicts[g + 2], conflicts[g + 3], conflicts[g + 4]
+  if kind ~= KIND_LOCK_DELAY and not seen[holder_id] then
+    seen[holder_id] = true
+    blocked[#blocked + 1] = {holder_owner, holder_id}
+  end
+end
+
+-- A path of waiting owners from one of ours back to us closes a cycle that no one can leave.
+local function find_cycle()
+  local edges = {}
+  for _, text in ipairs(redis.call('HVALS', keys.waiters)) do
+    local other = cjson.decode(text)
+    if other.id ~= job_id then
+      edges[other.owner] = edges[other.owner] or {}
+      for _, edge in ipairs(other.blocked) do
+        table.insert(edges[other.owner], {edge[1], edge[2], other.id})
+      end
+    end
+  end
+  local visited, frontier = {}, {}
+  for _, edge in ipairs(blocked) do
+    if edge[1] ~= owner and not visited[edge[1]] then
+      visited[edge[1]] = true
+      frontier[#frontier + 1] = {edge[1], owner .. ' (job ' .. job_id .. ') waits for job '
+        .. edge[2] .. ' of ' .. edge[1]}
+    end
+  end
+  while #frontier > 0 do
+    local current = table.remove(frontier, 1)
+    for _, edge in ipairs(edges[current[1]] or {}) do
+      local path = current[2] .. '; ' .. current[1] .. ' (job ' .. edge[3] .. ') waits for job '
+        .. edge[2] .. ' of ' .. edge[1]
+      if edge[1] == owner then
+        return path
+      end
+      if not visited[edge[1]] then
+        visited[edge[1]] = true
+        frontier[#frontier + 1] = {edge[1], path}
+      end
+    end
+  end
+  return nil
+end
+
+local waiter_json
+if waiting then
+  waiting.blocked = blocked
+  waiting.exp = math.min(waiting.deadline, now + liveness)
+  waiter_json = cjson.encode(waiting)
+  redis.call('HSET', keys.waiters, job_id, waiter_json)
+  redis.call('ZADD', keys.waitexp, waiting.exp, job_id)
+elseif wait > 0 then
+  local cycle = find_cycle()
+  if cycle then
+    return {'deadlock', current_revision(keys.rev), cycle}
+  end
+  local seq = redis.call('INCR', keys.waitseq)
+  local deadline = now + wait
+  waiting = {
+    id = job_id, owner = owner, op = operation, nodes = nodes, ttl = ttl, seq = seq,
+    deadline = deadline, exp = math.min(deadline, now + liveness), blocked = blocked,
+  }
+  waiter_json = cjson.encode(waiting)
+  redis.call('HSET', keys.waiters, job_id, waiter_json)
+  redis.call('ZADD', keys.waitexp, waiting.exp, job_id)
+  for i = 1, #nodes do
+    redis.call('ZADD', queue_key(i), seq, job_id)
+  end
+  emit(keys.rev, keys.events, maxlen, 'WAITING', waiter_json, now)
+else
+  waiter_json = cjson.encode({id = job_id, owner = owner, op = operation, nodes = nodes, ttl = ttl})
+end
+
+note_contentions(keys, maxlen, conflicts, job_id, waiter_json, now)
+
+if not waiting then
+  return reply_with('refused', {})
+end
+local positions = {}
+for i = 1, #nodes do
+  positions[i] = redis.call('ZCOUNT', queue_key(i), '-inf', waiting.seq)
+end
+return reply_with('queued', positions)

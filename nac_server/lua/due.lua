@@ -1,27 +1,38 @@
--- Due: which leases have run out, and when the next one will. Writes only to drop a lease
--- whose job is gone.
+-- Due: what the expiry sweep must end, and when it should look again. Writes only to drop
+-- index entries whose record is gone.
 --
--- KEYS[1] lease zset, KEYS[2] jobs hash.
--- ARGV[1] most jobs to return.
+-- KEYS[1] leases, KEYS[2] jobs, KEYS[3] waitexp, KEYS[4] waiters, KEYS[5] ghosts,
+-- KEYS[6] ghostjobs (all nac:{ns}:<name>).
+-- ARGV[1] most entries of each kind to return.
 --
--- Returns {now_ms, next_deadline_ms or -1, job_json...} for jobs whose deadline has passed.
--- The caller expires each one with release.lua, which checks the deadline again.
+-- Returns {now_ms, next_deadline_ms or -1, {job_json...}, {waiter_json...}, {ghost_json...}}:
+-- jobs whose lease ran out, waiters whose wait or liveness ran out, and lost holders whose
+-- lock-delay is over. The sweep ends each with a script that checks the deadline again.
 
-local leases_key, jobs_key = KEYS[1], KEYS[2]
+local limit = tonumber(ARGV[1])
 local now = now_ms()
-local reply = {now, -1}
-local due = redis.call('ZRANGEBYSCORE', leases_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, job_id in ipairs(due) do
-  local stored = redis.call('HGET', jobs_key, job_id)
-  if stored then
-    reply[#reply + 1] = stored
-  else
-    -- A lease without a job cannot be expired by release.lua; drop it here.
-    redis.call('ZREM', leases_key, job_id)
+local next_deadline = -1
+local function due(index_key, records_key)
+  local found = {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', index_key, '-inf', now, 'LIMIT', 0, limit)) do
+    local stored = redis.call('HGET', records_key, id)
+    if stored then
+      found[#found + 1] = stored
+    else
+      redis.call('ZREM', index_key, id)
+    end
   end
+  local upcoming = redis.call('ZRANGEBYSCORE', index_key, '(' .. now, '+inf', 'WITHSCORES',
+    'LIMIT', 0, 1)
+  if #upcoming > 0 then
+    local at = tonumber(upcoming[2])
+    if next_deadline < 0 or at < next_deadline then
+      next_deadline = at
+    end
+  end
+  return found
 end
-local upcoming = redis.call('ZRANGEBYSCORE', leases_key, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if #upcoming > 0 then
-  reply[2] = tonumber(upcoming[2])
-end
-return reply
+local jobs = due(KEYS[1], KEYS[2])
+local waiters = due(KEYS[3], KEYS[4])
+local ghosts = due(KEYS[5], KEYS[6])
+return {now, next_deadline, jobs, waiters, ghosts}

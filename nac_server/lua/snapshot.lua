@@ -1,12 +1,9 @@
--- Snapshot: every current job and the revision they stand at, read atomically. Read-only.
+-- Snapshot: every current job and waiter and the revision they stand at, read atomically.
+-- Read-only.
 --
--- KEYS[1] jobs hash, KEYS[2] revision counter.
+-- KEYS[1] jobs hash, KEYS[2] revision counter, KEYS[3] waiters hash.
 -- ARGV: none.
 --
--- Returns {revision, job_json...}.
+-- Returns {revision, {job_json...}, {waiter_json...}}.
 
-local reply = {current_revision(KEYS[2])}
-for _, stored in ipairs(redis.call('HVALS', KEYS[1])) do
-  reply[#reply + 1] = stored
-end
-return reply
+return {current_revision(KEYS[2]), redis.call('HVALS', KEYS[1]), redis.call('HVALS', KEYS[3])}

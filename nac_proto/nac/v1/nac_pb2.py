@@ -27,53 +27,77 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10nac/v1/nac.proto\x12\x06nac.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\nNodeAccess\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1f\n\x07require\x18\x02 \x03(\x0e\x32\x0e.nac.v1.Action\x12\x1d\n\x05\x61llow\x18\x03 \x03(\x0e\x32\x0e.nac.v1.Action\"\xb1\x01\n\x0e\x41\x63quireRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12!\n\x05nodes\x18\x05 \x03(\x0b\x32\x12.nac.v1.NodeAccess\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"\xf2\x01\n\x08\x43onflict\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1e\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x0e.nac.v1.Action\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.nac.v1.Conflict.Kind\x12\x15\n\rholder_job_id\x18\x04 \x01(\t\x12\x14\n\x0cholder_owner\x18\x05 \x01(\t\x12\x18\n\x10holder_operation\x18\x06 \x01(\t\"L\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15HOLDER_DOES_NOT_ALLOW\x10\x01\x12\x13\n\x0fHOLDER_REQUIRES\x10\x02\"s\n\x0f\x41\x63quireResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x18\n\x03job\x18\x02 \x01(\x0b\x32\x0b.nac.v1.Job\x12#\n\tconflicts\x18\x03 \x03(\x0b\x32\x10.nac.v1.Conflict\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x8d\x02\n\x03Job\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12!\n\x05nodes\x18\x05 \x03(\x0b\x32\x12.nac.v1.NodeAccess\x12\x15\n\rfencing_token\x18\x06 \x01(\x04\x12/\n\x0b\x61\x63quired_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"B\n\x0eReleaseRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"5\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\"Z\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x16\n\x0estart_revision\x18\x03 \x01(\x04\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\"\x82\x02\n\nWatchEvent\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.nac.v1.WatchEvent.Type\x12\x18\n\x03job\x18\x03 \x01(\x0b\x32\x0b.nac.v1.Job\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43QUIRED\x10\x01\x12\x0c\n\x08RELEASED\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\x0b\n\x07UPDATED\x10\x04\x12\x0c\n\x08SNAPSHOT\x10\x05\x12\x15\n\x11SNAPSHOT_COMPLETE\x10\x06\"D\n\x10KeepAliveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"\xa1\x01\n\x11KeepAliveResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\x05 \x01(\x04\"2\n\rGetJobRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"A\n\x0fListJobsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"?\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.nac.v1.Job\x12\x10\n\x08revision\x18\x02 \x01(\x04\"1\n\x0eGetNodeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"Z\n\x0b\x41\x63tionTally\x12\x1e\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x0e.nac.v1.Action\x12\x13\n\x0brequired_by\x18\x02 \x01(\r\x12\x16\n\x0enot_allowed_by\x18\x03 \x01(\r\"\x82\x01\n\tNodeState\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12$\n\x07tallies\x18\x03 \x03(\x0b\x32\x13.nac.v1.ActionTally\x12\x1c\n\x07holders\x18\x04 \x03(\x0b\x32\x0b.nac.v1.Job\x12\x10\n\x08revision\x18\x05 \x01(\x04*\x98\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x17\n\x13MODIFY_VISIBLE_DATA\x10\x01\x12\x13\n\x0fMODIFY_METADATA\x10\x02\x12\x12\n\x0eGRAPH_RECONFIG\x10\x03\x12\x15\n\x11READ_VISIBLE_DATA\x10\x04\x12\x11\n\rREAD_METADATA\x10\x05\x12\n\n\x06RESIZE\x10\x06\x32\xa9\x03\n\x11NodeAccessControl\x12:\n\x07\x41\x63quire\x12\x16.nac.v1.AcquireRequest\x1a\x17.nac.v1.AcquireResponse\x12:\n\x07Release\x12\x16.nac.v1.ReleaseRequest\x1a\x17.nac.v1.ReleaseResponse\x12\x33\n\x05Watch\x12\x14.nac.v1.WatchRequest\x1a\x12.nac.v1.WatchEvent0\x01\x12\x44\n\tKeepAlive\x12\x18.nac.v1.KeepAliveRequest\x1a\x19.nac.v1.KeepAliveResponse(\x01\x30\x01\x12,\n\x06GetJob\x12\x15.nac.v1.GetJobRequest\x1a\x0b.nac.v1.Job\x12=\n\x08ListJobs\x12\x17.nac.v1.ListJobsRequest\x1a\x18.nac.v1.ListJobsResponse\x12\x34\n\x07GetNode\x12\x16.nac.v1.GetNodeRequest\x1a\x11.nac.v1.NodeStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10nac/v1/nac.proto\x12\x06nac.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\nNodeAccess\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1f\n\x07require\x18\x02 \x03(\x0e\x32\x0e.nac.v1.Action\x12\x1d\n\x05\x61llow\x18\x03 \x03(\x0e\x32\x0e.nac.v1.Action\"\xda\x01\n\x0e\x41\x63quireRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12!\n\x05nodes\x18\x05 \x03(\x0b\x32\x12.nac.v1.NodeAccess\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x12\'\n\x04wait\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc0\x02\n\x08\x43onflict\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1e\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x0e.nac.v1.Action\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.nac.v1.Conflict.Kind\x12\x15\n\rholder_job_id\x18\x04 \x01(\t\x12\x14\n\x0cholder_owner\x18\x05 \x01(\t\x12\x18\n\x10holder_operation\x18\x06 \x01(\t\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15HOLDER_DOES_NOT_ALLOW\x10\x01\x12\x13\n\x0fHOLDER_REQUIRES\x10\x02\x12\x0e\n\nLOCK_DELAY\x10\x03\x12\x11\n\rWAITING_AHEAD\x10\x04\"s\n\x0f\x41\x63quireResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x18\n\x03job\x18\x02 \x01(\x0b\x32\x0b.nac.v1.Job\x12#\n\tconflicts\x18\x03 \x03(\x0b\x32\x10.nac.v1.Conflict\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x8a\x04\n\x03Job\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12!\n\x05nodes\x18\x05 \x03(\x0b\x32\x12.nac.v1.NodeAccess\x12\x15\n\rfencing_token\x18\x06 \x01(\x04\x12/\n\x0b\x61\x63quired_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x05state\x18\n \x01(\x0e\x32\x11.nac.v1.Job.State\x12\x38\n\x0fqueue_positions\x18\x0b \x03(\x0b\x32\x1f.nac.v1.Job.QueuePositionsEntry\x12\x31\n\rwait_deadline\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x35\n\x13QueuePositionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"5\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04HELD\x10\x01\x12\x0b\n\x07WAITING\x10\x02\"B\n\x0eReleaseRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"5\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\"k\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x16\n\x0estart_revision\x18\x03 \x01(\x04\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\x0f\n\x07job_ids\x18\x05 \x03(\t\"\xa0\x03\n\nWatchEvent\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.nac.v1.WatchEvent.Type\x12\x18\n\x03job\x18\x03 \x01(\x0b\x32\x0b.nac.v1.Job\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\ncontention\x18\x05 \x01(\x0b\x32\x12.nac.v1.Contention\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\"\xcd\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43QUIRED\x10\x01\x12\x0c\n\x08RELEASED\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\x0b\n\x07UPDATED\x10\x04\x12\x0c\n\x08SNAPSHOT\x10\x05\x12\x15\n\x11SNAPSHOT_COMPLETE\x10\x06\x12\r\n\tCONTENDED\x10\x07\x12\x12\n\x0e\x46ORCE_RELEASED\x10\x08\x12\x0b\n\x07WAITING\x10\t\x12\x0e\n\nWAIT_ENDED\x10\n\x12\x14\n\x10LOCK_DELAY_ENDED\x10\x0b\"N\n\nContention\x12\x1b\n\x06waiter\x18\x01 \x01(\x0b\x32\x0b.nac.v1.Job\x12#\n\tconflicts\x18\x02 \x03(\x0b\x32\x10.nac.v1.Conflict\"D\n\x10KeepAliveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"\xa1\x01\n\x11KeepAliveResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\x05 \x01(\x04\"2\n\rGetJobRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"A\n\x0fListJobsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"]\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.nac.v1.Job\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1c\n\x07waiters\x18\x03 \x03(\x0b\x32\x0b.nac.v1.Job\"1\n\x0eGetNodeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"Z\n\x0b\x41\x63tionTally\x12\x1e\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x0e.nac.v1.Action\x12\x13\n\x0brequired_by\x18\x02 \x01(\r\x12\x16\n\x0enot_allowed_by\x18\x03 \x01(\r\"\xc7\x01\n\tNodeState\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12$\n\x07tallies\x18\x03 \x03(\x0b\x32\x13.nac.v1.ActionTally\x12\x1c\n\x07holders\x18\x04 \x03(\x0b\x32\x0b.nac.v1.Job\x12\x10\n\x08revision\x18\x05 \x01(\x04\x12\x1c\n\x07waiters\x18\x06 \x03(\x0b\x32\x0b.nac.v1.Job\x12%\n\nlock_delay\x18\x07 \x01(\x0b\x32\x11.nac.v1.LockDelay\"P\n\tLockDelay\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.nac.v1.Job\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\rUpdateRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12!\n\x05nodes\x18\x04 \x03(\x0b\x32\x12.nac.v1.NodeAccess\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\"r\n\x0eUpdateResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x08\x12\x18\n\x03job\x18\x02 \x01(\x0b\x32\x0b.nac.v1.Job\x12#\n\tconflicts\x18\x03 \x03(\x0b\x32\x10.nac.v1.Conflict\x12\x10\n\x08revision\x18\x04 \x01(\x04\"W\n\x13\x46orceReleaseRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"\x8a\x01\n\x14\x46orceReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x18\n\x03job\x18\x03 \x01(\x0b\x32\x0b.nac.v1.Job\x12\x34\n\x10lock_delay_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x19\x43onfigureNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12-\n\nlock_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\".\n\x19GetNamespaceConfigRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"S\n\x0fNamespaceConfig\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12-\n\nlock_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration*\x98\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x17\n\x13MODIFY_VISIBLE_DATA\x10\x01\x12\x13\n\x0fMODIFY_METADATA\x10\x02\x12\x12\n\x0eGRAPH_RECONFIG\x10\x03\x12\x15\n\x11READ_VISIBLE_DATA\x10\x04\x12\x11\n\rREAD_METADATA\x10\x05\x12\n\n\x06RESIZE\x10\x06\x32\xd1\x05\n\x11NodeAccessControl\x12:\n\x07\x41\x63quire\x12\x16.nac.v1.AcquireRequest\x1a\x17.nac.v1.AcquireResponse\x12:\n\x07Release\x12\x16.nac.v1.ReleaseRequest\x1a\x17.nac.v1.ReleaseResponse\x12\x33\n\x05Watch\x12\x14.nac.v1.WatchRequest\x1a\x12.nac.v1.WatchEvent0\x01\x12\x44\n\tKeepAlive\x12\x18.nac.v1.KeepAliveRequest\x1a\x19.nac.v1.KeepAliveResponse(\x01\x30\x01\x12,\n\x06GetJob\x12\x15.nac.v1.GetJobRequest\x1a\x0b.nac.v1.Job\x12=\n\x08ListJobs\x12\x17.nac.v1.ListJobsRequest\x1a\x18.nac.v1.ListJobsResponse\x12\x34\n\x07GetNode\x12\x16.nac.v1.GetNodeRequest\x1a\x11.nac.v1.NodeState\x12\x37\n\x06Update\x12\x15.nac.v1.UpdateRequest\x1a\x16.nac.v1.UpdateResponse\x12I\n\x0c\x46orceRelease\x12\x1b.nac.v1.ForceReleaseRequest\x1a\x1c.nac.v1.ForceReleaseResponse\x12P\n\x12\x43onfigureNamespace\x12!.nac.v1.ConfigureNamespaceRequest\x1a\x17.nac.v1.NamespaceConfig\x12P\n\x12GetNamespaceConfig\x12!.nac.v1.GetNamespaceConfigRequest\x1a\x17.nac.v1.NamespaceConfigb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nac.v1.nac_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTION']._serialized_start=2170
-  _globals['_ACTION']._serialized_end=2322
+  _globals['_JOB_QUEUEPOSITIONSENTRY']._loaded_options = None
+  _globals['_JOB_QUEUEPOSITIONSENTRY']._serialized_options = b'8\001'
+  _globals['_ACTION']._serialized_start=3671
+  _globals['_ACTION']._serialized_end=3823
   _globals['_NODEACCESS']._serialized_start=93
   _globals['_NODEACCESS']._serialized_end=183
   _globals['_ACQUIREREQUEST']._serialized_start=186
-  _globals['_ACQUIREREQUEST']._serialized_end=363
-  _globals['_CONFLICT']._serialized_start=366
-  _globals['_CONFLICT']._serialized_end=608
-  _globals['_CONFLICT_KIND']._serialized_start=532
-  _globals['_CONFLICT_KIND']._serialized_end=608
-  _globals['_ACQUIRERESPONSE']._serialized_start=610
-  _globals['_ACQUIRERESPONSE']._serialized_end=725
-  _globals['_JOB']._serialized_start=728
-  _globals['_JOB']._serialized_end=997
-  _globals['_RELEASEREQUEST']._serialized_start=999
-  _globals['_RELEASEREQUEST']._serialized_end=1065
-  _globals['_RELEASERESPONSE']._serialized_start=1067
-  _globals['_RELEASERESPONSE']._serialized_end=1120
-  _globals['_WATCHREQUEST']._serialized_start=1122
-  _globals['_WATCHREQUEST']._serialized_end=1212
-  _globals['_WATCHEVENT']._serialized_start=1215
-  _globals['_WATCHEVENT']._serialized_end=1473
-  _globals['_WATCHEVENT_TYPE']._serialized_start=1354
-  _globals['_WATCHEVENT_TYPE']._serialized_end=1473
-  _globals['_KEEPALIVEREQUEST']._serialized_start=1475
-  _globals['_KEEPALIVEREQUEST']._serialized_end=1543
-  _globals['_KEEPALIVERESPONSE']._serialized_start=1546
-  _globals['_KEEPALIVERESPONSE']._serialized_end=1707
-  _globals['_GETJOBREQUEST']._serialized_start=1709
-  _globals['_GETJOBREQUEST']._serialized_end=1759
-  _globals['_LISTJOBSREQUEST']._serialized_start=1761
-  _globals['_LISTJOBSREQUEST']._serialized_end=1826
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1828
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1891
-  _globals['_GETNODEREQUEST']._serialized_start=1893
-  _globals['_GETNODEREQUEST']._serialized_end=1942
-  _globals['_ACTIONTALLY']._serialized_start=1944
-  _globals['_ACTIONTALLY']._serialized_end=2034
-  _globals['_NODESTATE']._serialized_start=2037
-  _globals['_NODESTATE']._serialized_end=2167
-  _globals['_NODEACCESSCONTROL']._serialized_start=2325
-  _globals['_NODEACCESSCONTROL']._serialized_end=2750
+  _globals['_ACQUIREREQUEST']._serialized_end=404
+  _globals['_CONFLICT']._serialized_start=407
+  _globals['_CONFLICT']._serialized_end=727
+  _globals['_CONFLICT_KIND']._serialized_start=616
+  _globals['_CONFLICT_KIND']._serialized_end=727
+  _globals['_ACQUIRERESPONSE']._serialized_start=729
+  _globals['_ACQUIRERESPONSE']._serialized_end=844
+  _globals['_JOB']._serialized_start=847
+  _globals['_JOB']._serialized_end=1369
+  _globals['_JOB_QUEUEPOSITIONSENTRY']._serialized_start=1261
+  _globals['_JOB_QUEUEPOSITIONSENTRY']._serialized_end=1314
+  _globals['_JOB_STATE']._serialized_start=1316
+  _globals['_JOB_STATE']._serialized_end=1369
+  _globals['_RELEASEREQUEST']._serialized_start=1371
+  _globals['_RELEASEREQUEST']._serialized_end=1437
+  _globals['_RELEASERESPONSE']._serialized_start=1439
+  _globals['_RELEASERESPONSE']._serialized_end=1492
+  _globals['_WATCHREQUEST']._serialized_start=1494
+  _globals['_WATCHREQUEST']._serialized_end=1601
+  _globals['_WATCHEVENT']._serialized_start=1604
+  _globals['_WATCHEVENT']._serialized_end=2020
+  _globals['_WATCHEVENT_TYPE']._serialized_start=1815
+  _globals['_WATCHEVENT_TYPE']._serialized_end=2020
+  _globals['_CONTENTION']._serialized_start=2022
+  _globals['_CONTENTION']._serialized_end=2100
+  _globals['_KEEPALIVEREQUEST']._serialized_start=2102
+  _globals['_KEEPALIVEREQUEST']._serialized_end=2170
+  _globals['_KEEPALIVERESPONSE']._serialized_start=2173
+  _globals['_KEEPALIVERESPONSE']._serialized_end=2334
+  _globals['_GETJOBREQUEST']._serialized_start=2336
+  _globals['_GETJOBREQUEST']._serialized_end=2386
+  _globals['_LISTJOBSREQUEST']._serialized_start=2388
+  _globals['_LISTJOBSREQUEST']._serialized_end=2453
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2455
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2548
+  _globals['_GETNODEREQUEST']._serialized_start=2550
+  _globals['_GETNODEREQUEST']._serialized_end=2599
+  _globals['_ACTIONTALLY']._serialized_start=2601
+  _globals['_ACTIONTALLY']._serialized_end=2691
+  _globals['_NODESTATE']._serialized_start=2694
+  _globals['_NODESTATE']._serialized_end=2893
+  _globals['_LOCKDELAY']._serialized_start=2895
+  _globals['_LOCKDELAY']._serialized_end=2975
+  _globals['_UPDATEREQUEST']._serialized_start=2977
+  _globals['_UPDATEREQUEST']._serialized_end=3094
+  _globals['_UPDATERESPONSE']._serialized_start=3096
+  _globals['_UPDATERESPONSE']._serialized_end=3210
+  _globals['_FORCERELEASEREQUEST']._serialized_start=3212
+  _globals['_FORCERELEASEREQUEST']._serialized_end=3299
+  _globals['_FORCERELEASERESPONSE']._serialized_start=3302
+  _globals['_FORCERELEASERESPONSE']._serialized_end=3440
+  _globals['_CONFIGURENAMESPACEREQUEST']._serialized_start=3442
+  _globals['_CONFIGURENAMESPACEREQUEST']._serialized_end=3535
+  _globals['_GETNAMESPACECONFIGREQUEST']._serialized_start=3537
+  _globals['_GETNAMESPACECONFIGREQUEST']._serialized_end=3583
+  _globals['_NAMESPACECONFIG']._serialized_start=3585
+  _globals['_NAMESPACECONFIG']._serialized_end=3668
+  _globals['_NODEACCESSCONTROL']._serialized_start=3826
+  _globals['_NODEACCESSCONTROL']._serialized_end=4547
 # @@protoc_insertion_point(module_scope)

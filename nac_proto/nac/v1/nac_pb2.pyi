@@ -124,6 +124,7 @@ class AcquireRequest(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     job_id: _builtins.str
     """Unique within the namespace: [A-Za-z0-9._:-]{1,128}. Empty lets the server choose one."""
@@ -141,6 +142,10 @@ class AcquireRequest(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Lease length. Unset uses the server's default; the server's minimum and maximum apply."""
 
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """How long to wait in the queue when refused. Unset or zero answers at once."""
+
     def __init__(
         self,
         *,
@@ -151,10 +156,11 @@ class AcquireRequest(_message.Message):
         nodes: _abc.Iterable[Global___NodeAccess] | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
         dry_run: _builtins.bool = ...,
+        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,6 +183,12 @@ class Conflict(_message.Message):
         """The request requires the action and the holder does not allow it."""
         HOLDER_REQUIRES: Conflict._Kind.ValueType  # 2
         """The holder requires the action and the request does not allow it."""
+        LOCK_DELAY: Conflict._Kind.ValueType  # 3
+        """The holder's lease was lost or force-released; its nodes stay blocked until `until`, as
+        if it still held them, because it may still be writing.
+        """
+        WAITING_AHEAD: Conflict._Kind.ValueType  # 4
+        """The holder is a job that queued earlier on the node and would conflict (fairness)."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Conflict.Kind.ValueType  # 0
@@ -184,6 +196,12 @@ class Conflict(_message.Message):
     """The request requires the action and the holder does not allow it."""
     HOLDER_REQUIRES: Conflict.Kind.ValueType  # 2
     """The holder requires the action and the request does not allow it."""
+    LOCK_DELAY: Conflict.Kind.ValueType  # 3
+    """The holder's lease was lost or force-released; its nodes stay blocked until `until`, as
+    if it still held them, because it may still be writing.
+    """
+    WAITING_AHEAD: Conflict.Kind.ValueType  # 4
+    """The holder is a job that queued earlier on the node and would conflict (fairness)."""
 
     NODE_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
@@ -191,12 +209,17 @@ class Conflict(_message.Message):
     HOLDER_JOB_ID_FIELD_NUMBER: _builtins.int
     HOLDER_OWNER_FIELD_NUMBER: _builtins.int
     HOLDER_OPERATION_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     action: Global___Action.ValueType
     kind: Global___Conflict.Kind.ValueType
     holder_job_id: _builtins.str
     holder_owner: _builtins.str
     holder_operation: _builtins.str
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """The action concerned for LOCK_DELAY, and when the delay ends."""
+
     def __init__(
         self,
         *,
@@ -206,10 +229,11 @@ class Conflict(_message.Message):
         holder_job_id: _builtins.str = ...,
         holder_owner: _builtins.str = ...,
         holder_operation: _builtins.str = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "holder_job_id", b"holder_job_id", "holder_operation", b"holder_operation", "holder_owner", b"holder_owner", "kind", b"kind", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "holder_job_id", b"holder_job_id", "holder_operation", b"holder_operation", "holder_owner", b"holder_owner", "kind", b"kind", "node", b"node", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +278,43 @@ Global___AcquireResponse: _TypeAlias = AcquireResponse  # noqa: Y015
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Job._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Job._State.ValueType  # 0
+        HELD: Job._State.ValueType  # 1
+        WAITING: Job._State.ValueType  # 2
+        """Queued by Acquire with a wait; holds nothing yet and has no fencing token."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    STATE_UNSPECIFIED: Job.State.ValueType  # 0
+    HELD: Job.State.ValueType  # 1
+    WAITING: Job.State.ValueType  # 2
+    """Queued by Acquire with a wait; holds nothing yet and has no fencing token."""
+
+    @_typing.final
+    class QueuePositionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAMESPACE_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
@@ -263,6 +324,9 @@ class Job(_message.Message):
     ACQUIRED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITIONS_FIELD_NUMBER: _builtins.int
+    WAIT_DEADLINE_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     job_id: _builtins.str
     owner: _builtins.str
@@ -271,6 +335,7 @@ class Job(_message.Message):
     """Strictly increasing per namespace. Storage or agents can reject a holder older than the newest
     token they have seen.
     """
+    state: Global___Job.State.ValueType
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeAccess]: ...
     @_builtins.property
@@ -282,6 +347,14 @@ class Job(_message.Message):
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """The lease length each renewal restores."""
+
+    @_builtins.property
+    def queue_positions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """For a waiting job: its place in each node's queue, 1 being next."""
+
+    @_builtins.property
+    def wait_deadline(self) -> _timestamp_pb2.Timestamp:
+        """For a waiting job: when its wait ends."""
 
     def __init__(
         self,
@@ -295,10 +368,13 @@ class Job(_message.Message):
         acquired_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        state: Global___Job.State.ValueType = ...,
+        queue_positions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        wait_deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "ttl", b"ttl", "wait_deadline", b"wait_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "queue_positions", b"queue_positions", "state", b"state", "ttl", b"ttl", "wait_deadline", b"wait_deadline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,6 +438,7 @@ class WatchRequest(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     START_REVISION_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     start_revision: _builtins.int
     """First revision to send. 0 means after the current revision. Not with snapshot."""
@@ -370,6 +447,12 @@ class WatchRequest(_message.Message):
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events whose job holds one of these nodes. Empty means the whole namespace."""
 
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events about these jobs: as the event's job, or as the waiter of a CONTENDED event.
+        Empty means every job. Combined with nodes, an event must pass both.
+        """
+
     def __init__(
         self,
         *,
@@ -377,10 +460,11 @@ class WatchRequest(_message.Message):
         nodes: _abc.Iterable[_builtins.str] | None = ...,
         start_revision: _builtins.int = ...,
         snapshot: _builtins.bool = ...,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "nodes", b"nodes", "snapshot", b"snapshot", "start_revision", b"start_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids", "namespace", b"namespace", "nodes", b"nodes", "snapshot", b"snapshot", "start_revision", b"start_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,6 +489,18 @@ class WatchEvent(_message.Message):
         """One current job, sent when the watch opens with snapshot."""
         SNAPSHOT_COMPLETE: WatchEvent._Type.ValueType  # 6
         """The snapshot is complete; live events from revision + 1 follow. Carries no job."""
+        CONTENDED: WatchEvent._Type.ValueType  # 7
+        """A job was refused or queued because of the holder `job`; `contention` says who and why.
+        At most one per (holder, waiter) pair per second.
+        """
+        FORCE_RELEASED: WatchEvent._Type.ValueType  # 8
+        """An operator ended `job`; `reason` and `actor` say why and who."""
+        WAITING: WatchEvent._Type.ValueType  # 9
+        """`job` started waiting in the queue of its nodes."""
+        WAIT_ENDED: WatchEvent._Type.ValueType  # 10
+        """`job` left the queue without a grant: its wait ended or its client went away."""
+        LOCK_DELAY_ENDED: WatchEvent._Type.ValueType  # 11
+        """The lock-delay left by `job` is over; its nodes are free of it."""
 
     class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
     TYPE_UNSPECIFIED: WatchEvent.Type.ValueType  # 0
@@ -416,19 +512,40 @@ class WatchEvent(_message.Message):
     """One current job, sent when the watch opens with snapshot."""
     SNAPSHOT_COMPLETE: WatchEvent.Type.ValueType  # 6
     """The snapshot is complete; live events from revision + 1 follow. Carries no job."""
+    CONTENDED: WatchEvent.Type.ValueType  # 7
+    """A job was refused or queued because of the holder `job`; `contention` says who and why.
+    At most one per (holder, waiter) pair per second.
+    """
+    FORCE_RELEASED: WatchEvent.Type.ValueType  # 8
+    """An operator ended `job`; `reason` and `actor` say why and who."""
+    WAITING: WatchEvent.Type.ValueType  # 9
+    """`job` started waiting in the queue of its nodes."""
+    WAIT_ENDED: WatchEvent.Type.ValueType  # 10
+    """`job` left the queue without a grant: its wait ended or its client went away."""
+    LOCK_DELAY_ENDED: WatchEvent.Type.ValueType  # 11
+    """The lock-delay left by `job` is over; its nodes are free of it."""
 
     REVISION_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    CONTENTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     type: Global___WatchEvent.Type.ValueType
+    reason: _builtins.str
+    actor: _builtins.str
     @_builtins.property
     def job(self) -> Global___Job:
-        """The job as it is after the event; for RELEASED and EXPIRED, as it was when it ended."""
+        """The job as it is after the event; for RELEASED, EXPIRED and FORCE_RELEASED, as it was when it
+        ended; for CONTENDED, the holder in the way.
+        """
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def contention(self) -> Global___Contention: ...
     def __init__(
         self,
         *,
@@ -436,14 +553,43 @@ class WatchEvent(_message.Message):
         type: Global___WatchEvent.Type.ValueType = ...,
         job: Global___Job | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        contention: Global___Contention | None = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contention", b"contention", "job", b"job", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "revision", b"revision", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "contention", b"contention", "job", b"job", "reason", b"reason", "revision", b"revision", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEvent: _TypeAlias = WatchEvent  # noqa: Y015
+
+@_typing.final
+class Contention(_message.Message):
+    """Contention names a job kept out by a holder, and what they conflict on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAITER_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def waiter(self) -> Global___Job: ...
+    @_builtins.property
+    def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conflict]: ...
+    def __init__(
+        self,
+        *,
+        waiter: Global___Job | None = ...,
+        conflicts: _abc.Iterable[Global___Conflict] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waiter", b"waiter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "waiter", b"waiter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Contention: _TypeAlias = Contention  # noqa: Y015
 
 @_typing.final
 class KeepAliveRequest(_message.Message):
@@ -559,18 +705,24 @@ class ListJobsResponse(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
+    @_builtins.property
+    def waiters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """Jobs waiting in the queue (filtered the same way), oldest first."""
+
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___Job] | None = ...,
         revision: _builtins.int = ...,
+        waiters: _abc.Iterable[Global___Job] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "revision", b"revision", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,6 +788,8 @@ class NodeState(_message.Message):
     TALLIES_FIELD_NUMBER: _builtins.int
     HOLDERS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    WAITERS_FIELD_NUMBER: _builtins.int
+    LOCK_DELAY_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     node: _builtins.str
     revision: _builtins.int
@@ -645,6 +799,14 @@ class NodeState(_message.Message):
 
     @_builtins.property
     def holders(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
+    @_builtins.property
+    def waiters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """The node's queue, next first."""
+
+    @_builtins.property
+    def lock_delay(self) -> Global___LockDelay:
+        """Present while the node is in lock-delay."""
+
     def __init__(
         self,
         *,
@@ -653,11 +815,239 @@ class NodeState(_message.Message):
         tallies: _abc.Iterable[Global___ActionTally] | None = ...,
         holders: _abc.Iterable[Global___Job] | None = ...,
         revision: _builtins.int = ...,
+        waiters: _abc.Iterable[Global___Job] | None = ...,
+        lock_delay: Global___LockDelay | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holders", b"holders", "namespace", b"namespace", "node", b"node", "revision", b"revision", "tallies", b"tallies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holders", b"holders", "lock_delay", b"lock_delay", "namespace", b"namespace", "node", b"node", "revision", b"revision", "tallies", b"tallies", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
+
+@_typing.final
+class LockDelay(_message.Message):
+    """LockDelay is the block a lost holder leaves on a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job whose lease was lost or that was force-released, with its masks."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockDelay: _TypeAlias = LockDelay  # noqa: Y015
+
+@_typing.final
+class UpdateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    job_id: _builtins.str
+    owner: _builtins.str
+    dry_run: _builtins.bool
+    """Answer without changing anything."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeAccess]:
+        """The job's whole new node list, as in Acquire."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        nodes: _abc.Iterable[Global___NodeAccess] | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
+
+@_typing.final
+class UpdateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATED_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    updated: _builtins.bool
+    revision: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job after the update; as it still is when refused."""
+
+    @_builtins.property
+    def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conflict]: ...
+    def __init__(
+        self,
+        *,
+        updated: _builtins.bool = ...,
+        job: Global___Job | None = ...,
+        conflicts: _abc.Iterable[Global___Conflict] | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "job", b"job", "revision", b"revision", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateResponse: _TypeAlias = UpdateResponse  # noqa: Y015
+
+@_typing.final
+class ForceReleaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    job_id: _builtins.str
+    reason: _builtins.str
+    """Why, for the audit trail. Required."""
+    actor: _builtins.str
+    """Who is asking (an operator's name); the peer address is recorded too."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "job_id", b"job_id", "namespace", b"namespace", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForceReleaseRequest: _TypeAlias = ForceReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ForceReleaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    LOCK_DELAY_UNTIL_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    revision: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job that was ended."""
+
+    @_builtins.property
+    def lock_delay_until(self) -> _timestamp_pb2.Timestamp:
+        """When its nodes' lock-delay ends (unset when the namespace has none)."""
+
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+        revision: _builtins.int = ...,
+        job: Global___Job | None = ...,
+        lock_delay_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lock_delay_until", b"lock_delay_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lock_delay_until", b"lock_delay_until", "released", b"released", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForceReleaseResponse: _TypeAlias = ForceReleaseResponse  # noqa: Y015
+
+@_typing.final
+class ConfigureNamespaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    LOCK_DELAY_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    @_builtins.property
+    def lock_delay(self) -> _duration_pb2.Duration:
+        """How long a lost or force-released holder keeps blocking its nodes. Zero turns it off."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        lock_delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureNamespaceRequest: _TypeAlias = ConfigureNamespaceRequest  # noqa: Y015
+
+@_typing.final
+class GetNamespaceConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNamespaceConfigRequest: _TypeAlias = GetNamespaceConfigRequest  # noqa: Y015
+
+@_typing.final
+class NamespaceConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    LOCK_DELAY_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    @_builtins.property
+    def lock_delay(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        lock_delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceConfig: _TypeAlias = NamespaceConfig  # noqa: Y015

@@ -70,6 +70,26 @@ class NodeAccessControlStub:
                 request_serializer=nac_dot_v1_dot_nac__pb2.GetNodeRequest.SerializeToString,
                 response_deserializer=nac_dot_v1_dot_nac__pb2.NodeState.FromString,
                 _registered_method=True)
+        self.Update = channel.unary_unary(
+                '/nac.v1.NodeAccessControl/Update',
+                request_serializer=nac_dot_v1_dot_nac__pb2.UpdateRequest.SerializeToString,
+                response_deserializer=nac_dot_v1_dot_nac__pb2.UpdateResponse.FromString,
+                _registered_method=True)
+        self.ForceRelease = channel.unary_unary(
+                '/nac.v1.NodeAccessControl/ForceRelease',
+                request_serializer=nac_dot_v1_dot_nac__pb2.ForceReleaseRequest.SerializeToString,
+                response_deserializer=nac_dot_v1_dot_nac__pb2.ForceReleaseResponse.FromString,
+                _registered_method=True)
+        self.ConfigureNamespace = channel.unary_unary(
+                '/nac.v1.NodeAccessControl/ConfigureNamespace',
+                request_serializer=nac_dot_v1_dot_nac__pb2.ConfigureNamespaceRequest.SerializeToString,
+                response_deserializer=nac_dot_v1_dot_nac__pb2.NamespaceConfig.FromString,
+                _registered_method=True)
+        self.GetNamespaceConfig = channel.unary_unary(
+                '/nac.v1.NodeAccessControl/GetNamespaceConfig',
+                request_serializer=nac_dot_v1_dot_nac__pb2.GetNamespaceConfigRequest.SerializeToString,
+                response_deserializer=nac_dot_v1_dot_nac__pb2.NamespaceConfig.FromString,
+                _registered_method=True)
 
 
 class NodeAccessControlServicer:
@@ -81,6 +101,17 @@ class NodeAccessControlServicer:
         A refusal is an answer, not an error: granted=false with every conflict (each node, each
         action, each direction and each holder). A grant stores the job, starts its lease and gives it
         a fencing token larger than any earlier token of the namespace.
+
+        With wait > 0 a refused job queues, first come first served per node, and the call returns
+        when it is granted, when the wait ends (granted=false with the conflicts of that moment) or
+        when the client cancels (the job leaves the queue at once). A job that is compatible with
+        the holders but conflicts with a job that queued earlier on a shared node queues behind it;
+        a job that conflicts with nobody, waiting jobs included, is granted at once. Waiting is woken
+        by the events that concern the job's nodes, never by polling. A wait that would close a cycle
+        of owners waiting on each other's jobs ends with ABORTED naming the cycle.
+
+        While a node is in lock-delay after its holder's lease was lost or force-released, the lost
+        holder still counts with its masks, and refusals name it with kind LOCK_DELAY.
 
         Repeating a call is safe. With the job_id of a held job, the same owner, operation, nodes and
         masks return the existing grant unchanged (same token, no new event); any other content is
@@ -145,8 +176,48 @@ class NodeAccessControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetNode(self, request, context):
-        """GetNode returns one node's aggregate flags and its holders. A node nobody holds is returned
-        with no holders and zero counts.
+        """GetNode returns one node's aggregate flags, its holders, its waiters in queue order and any
+        lock-delay. A node nobody holds is returned with no holders and zero counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Update(self, request, context):
+        """Update converts a held job: it replaces the job's node list and masks at once, all nodes or
+        none. The job is checked against every other holder and any lock-delay, never against itself
+        or the waiters (conversions go first, as in a DLM). Loosening (fewer requires, more allows,
+        fewer nodes) therefore always succeeds. A refusal leaves the job exactly as it was and
+        explains itself like Acquire. A grant keeps the fencing token and the lease, takes a new
+        revision and emits UPDATED. Only the owner may update (PERMISSION_DENIED); an unknown job is
+        NOT_FOUND. Repeating an update that was applied is granted again with no new event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForceRelease(self, request, context):
+        """ForceRelease ends another owner's job, for operators. It applies the namespace's lock-delay
+        (the holder may still be alive and writing) and emits FORCE_RELEASED with the reason and the
+        caller. The job's fencing token is stale from then on: every later grant gets a higher one.
+        It needs the operator role: the metadata "authorization: Bearer <admin token>" matching the
+        server's --admin-token (UNAUTHENTICATED without it, PERMISSION_DENIED when wrong or when the
+        server has no admin token). An unknown job answers released=false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureNamespace(self, request, context):
+        """ConfigureNamespace sets a namespace's settings (operator role, as ForceRelease). They apply
+        to every replica at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNamespaceConfig(self, request, context):
+        """GetNamespaceConfig returns a namespace's settings, defaults included.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +260,26 @@ def add_NodeAccessControlServicer_to_server(servicer, server):
                     servicer.GetNode,
                     request_deserializer=nac_dot_v1_dot_nac__pb2.GetNodeRequest.FromString,
                     response_serializer=nac_dot_v1_dot_nac__pb2.NodeState.SerializeToString,
+            ),
+            'Update': grpc.unary_unary_rpc_method_handler(
+                    servicer.Update,
+                    request_deserializer=nac_dot_v1_dot_nac__pb2.UpdateRequest.FromString,
+                    response_serializer=nac_dot_v1_dot_nac__pb2.UpdateResponse.SerializeToString,
+            ),
+            'ForceRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForceRelease,
+                    request_deserializer=nac_dot_v1_dot_nac__pb2.ForceReleaseRequest.FromString,
+                    response_serializer=nac_dot_v1_dot_nac__pb2.ForceReleaseResponse.SerializeToString,
+            ),
+            'ConfigureNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureNamespace,
+                    request_deserializer=nac_dot_v1_dot_nac__pb2.ConfigureNamespaceRequest.FromString,
+                    response_serializer=nac_dot_v1_dot_nac__pb2.NamespaceConfig.SerializeToString,
+            ),
+            'GetNamespaceConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespaceConfig,
+                    request_deserializer=nac_dot_v1_dot_nac__pb2.GetNamespaceConfigRequest.FromString,
+                    response_serializer=nac_dot_v1_dot_nac__pb2.NamespaceConfig.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -380,6 +471,114 @@ class NodeAccessControl:
             '/nac.v1.NodeAccessControl/GetNode',
             nac_dot_v1_dot_nac__pb2.GetNodeRequest.SerializeToString,
             nac_dot_v1_dot_nac__pb2.NodeState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Update(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nac.v1.NodeAccessControl/Update',
+            nac_dot_v1_dot_nac__pb2.UpdateRequest.SerializeToString,
+            nac_dot_v1_dot_nac__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForceRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nac.v1.NodeAccessControl/ForceRelease',
+            nac_dot_v1_dot_nac__pb2.ForceReleaseRequest.SerializeToString,
+            nac_dot_v1_dot_nac__pb2.ForceReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nac.v1.NodeAccessControl/ConfigureNamespace',
+            nac_dot_v1_dot_nac__pb2.ConfigureNamespaceRequest.SerializeToString,
+            nac_dot_v1_dot_nac__pb2.NamespaceConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespaceConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nac.v1.NodeAccessControl/GetNamespaceConfig',
+            nac_dot_v1_dot_nac__pb2.GetNamespaceConfigRequest.SerializeToString,
+            nac_dot_v1_dot_nac__pb2.NamespaceConfig.FromString,
             options,
             channel_credentials,
             insecure,

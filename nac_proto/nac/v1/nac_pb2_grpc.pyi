@@ -57,6 +57,17 @@ class NodeAccessControlStub:
     action, each direction and each holder). A grant stores the job, starts its lease and gives it
     a fencing token larger than any earlier token of the namespace.
 
+    With wait > 0 a refused job queues, first come first served per node, and the call returns
+    when it is granted, when the wait ends (granted=false with the conflicts of that moment) or
+    when the client cancels (the job leaves the queue at once). A job that is compatible with
+    the holders but conflicts with a job that queued earlier on a shared node queues behind it;
+    a job that conflicts with nobody, waiting jobs included, is granted at once. Waiting is woken
+    by the events that concern the job's nodes, never by polling. A wait that would close a cycle
+    of owners waiting on each other's jobs ends with ABORTED naming the cycle.
+
+    While a node is in lock-delay after its holder's lease was lost or force-released, the lost
+    holder still counts with its masks, and refusals name it with kind LOCK_DELAY.
+
     Repeating a call is safe. With the job_id of a held job, the same owner, operation, nodes and
     masks return the existing grant unchanged (same token, no new event); any other content is
     ALREADY_EXISTS. Without a job_id the server makes one up, so retry with the id it returned.
@@ -94,9 +105,32 @@ class NodeAccessControlStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_nac_pb2.ListJobsRequest, _nac_pb2.ListJobsResponse]
     """ListJobs returns the current jobs of a namespace, filtered by node and owner when given."""
     GetNode: _grpc.UnaryUnaryMultiCallable[_nac_pb2.GetNodeRequest, _nac_pb2.NodeState]
-    """GetNode returns one node's aggregate flags and its holders. A node nobody holds is returned
-    with no holders and zero counts.
+    """GetNode returns one node's aggregate flags, its holders, its waiters in queue order and any
+    lock-delay. A node nobody holds is returned with no holders and zero counts.
     """
+    Update: _grpc.UnaryUnaryMultiCallable[_nac_pb2.UpdateRequest, _nac_pb2.UpdateResponse]
+    """Update converts a held job: it replaces the job's node list and masks at once, all nodes or
+    none. The job is checked against every other holder and any lock-delay, never against itself
+    or the waiters (conversions go first, as in a DLM). Loosening (fewer requires, more allows,
+    fewer nodes) therefore always succeeds. A refusal leaves the job exactly as it was and
+    explains itself like Acquire. A grant keeps the fencing token and the lease, takes a new
+    revision and emits UPDATED. Only the owner may update (PERMISSION_DENIED); an unknown job is
+    NOT_FOUND. Repeating an update that was applied is granted again with no new event.
+    """
+    ForceRelease: _grpc.UnaryUnaryMultiCallable[_nac_pb2.ForceReleaseRequest, _nac_pb2.ForceReleaseResponse]
+    """ForceRelease ends another owner's job, for operators. It applies the namespace's lock-delay
+    (the holder may still be alive and writing) and emits FORCE_RELEASED with the reason and the
+    caller. The job's fencing token is stale from then on: every later grant gets a higher one.
+    It needs the operator role: the metadata "authorization: Bearer <admin token>" matching the
+    server's --admin-token (UNAUTHENTICATED without it, PERMISSION_DENIED when wrong or when the
+    server has no admin token). An unknown job answers released=false.
+    """
+    ConfigureNamespace: _grpc.UnaryUnaryMultiCallable[_nac_pb2.ConfigureNamespaceRequest, _nac_pb2.NamespaceConfig]
+    """ConfigureNamespace sets a namespace's settings (operator role, as ForceRelease). They apply
+    to every replica at once.
+    """
+    GetNamespaceConfig: _grpc.UnaryUnaryMultiCallable[_nac_pb2.GetNamespaceConfigRequest, _nac_pb2.NamespaceConfig]
+    """GetNamespaceConfig returns a namespace's settings, defaults included."""
 
 @_typing.type_check_only
 class NodeAccessControlAsyncStub(NodeAccessControlStub):
@@ -107,6 +141,17 @@ class NodeAccessControlAsyncStub(NodeAccessControlStub):
     A refusal is an answer, not an error: granted=false with every conflict (each node, each
     action, each direction and each holder). A grant stores the job, starts its lease and gives it
     a fencing token larger than any earlier token of the namespace.
+
+    With wait > 0 a refused job queues, first come first served per node, and the call returns
+    when it is granted, when the wait ends (granted=false with the conflicts of that moment) or
+    when the client cancels (the job leaves the queue at once). A job that is compatible with
+    the holders but conflicts with a job that queued earlier on a shared node queues behind it;
+    a job that conflicts with nobody, waiting jobs included, is granted at once. Waiting is woken
+    by the events that concern the job's nodes, never by polling. A wait that would close a cycle
+    of owners waiting on each other's jobs ends with ABORTED naming the cycle.
+
+    While a node is in lock-delay after its holder's lease was lost or force-released, the lost
+    holder still counts with its masks, and refusals name it with kind LOCK_DELAY.
 
     Repeating a call is safe. With the job_id of a held job, the same owner, operation, nodes and
     masks return the existing grant unchanged (same token, no new event); any other content is
@@ -145,9 +190,32 @@ class NodeAccessControlAsyncStub(NodeAccessControlStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_nac_pb2.ListJobsRequest, _nac_pb2.ListJobsResponse]  # type: ignore[assignment]
     """ListJobs returns the current jobs of a namespace, filtered by node and owner when given."""
     GetNode: _aio.UnaryUnaryMultiCallable[_nac_pb2.GetNodeRequest, _nac_pb2.NodeState]  # type: ignore[assignment]
-    """GetNode returns one node's aggregate flags and its holders. A node nobody holds is returned
-    with no holders and zero counts.
+    """GetNode returns one node's aggregate flags, its holders, its waiters in queue order and any
+    lock-delay. A node nobody holds is returned with no holders and zero counts.
     """
+    Update: _aio.UnaryUnaryMultiCallable[_nac_pb2.UpdateRequest, _nac_pb2.UpdateResponse]  # type: ignore[assignment]
+    """Update converts a held job: it replaces the job's node list and masks at once, all nodes or
+    none. The job is checked against every other holder and any lock-delay, never against itself
+    or the waiters (conversions go first, as in a DLM). Loosening (fewer requires, more allows,
+    fewer nodes) therefore always succeeds. A refusal leaves the job exactly as it was and
+    explains itself like Acquire. A grant keeps the fencing token and the lease, takes a new
+    revision and emits UPDATED. Only the owner may update (PERMISSION_DENIED); an unknown job is
+    NOT_FOUND. Repeating an update that was applied is granted again with no new event.
+    """
+    ForceRelease: _aio.UnaryUnaryMultiCallable[_nac_pb2.ForceReleaseRequest, _nac_pb2.ForceReleaseResponse]  # type: ignore[assignment]
+    """ForceRelease ends another owner's job, for operators. It applies the namespace's lock-delay
+    (the holder may still be alive and writing) and emits FORCE_RELEASED with the reason and the
+    caller. The job's fencing token is stale from then on: every later grant gets a higher one.
+    It needs the operator role: the metadata "authorization: Bearer <admin token>" matching the
+    server's --admin-token (UNAUTHENTICATED without it, PERMISSION_DENIED when wrong or when the
+    server has no admin token). An unknown job answers released=false.
+    """
+    ConfigureNamespace: _aio.UnaryUnaryMultiCallable[_nac_pb2.ConfigureNamespaceRequest, _nac_pb2.NamespaceConfig]  # type: ignore[assignment]
+    """ConfigureNamespace sets a namespace's settings (operator role, as ForceRelease). They apply
+    to every replica at once.
+    """
+    GetNamespaceConfig: _aio.UnaryUnaryMultiCallable[_nac_pb2.GetNamespaceConfigRequest, _nac_pb2.NamespaceConfig]  # type: ignore[assignment]
+    """GetNamespaceConfig returns a namespace's settings, defaults included."""
 
 class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -161,6 +229,17 @@ class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
         A refusal is an answer, not an error: granted=false with every conflict (each node, each
         action, each direction and each holder). A grant stores the job, starts its lease and gives it
         a fencing token larger than any earlier token of the namespace.
+
+        With wait > 0 a refused job queues, first come first served per node, and the call returns
+        when it is granted, when the wait ends (granted=false with the conflicts of that moment) or
+        when the client cancels (the job leaves the queue at once). A job that is compatible with
+        the holders but conflicts with a job that queued earlier on a shared node queues behind it;
+        a job that conflicts with nobody, waiting jobs included, is granted at once. Waiting is woken
+        by the events that concern the job's nodes, never by polling. A wait that would close a cycle
+        of owners waiting on each other's jobs ends with ABORTED naming the cycle.
+
+        While a node is in lock-delay after its holder's lease was lost or force-released, the lost
+        holder still counts with its masks, and refusals name it with kind LOCK_DELAY.
 
         Repeating a call is safe. With the job_id of a held job, the same owner, operation, nodes and
         masks return the existing grant unchanged (same token, no new event); any other content is
@@ -235,8 +314,55 @@ class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
         request: _nac_pb2.GetNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nac_pb2.NodeState, _abc.Awaitable[_nac_pb2.NodeState]]:
-        """GetNode returns one node's aggregate flags and its holders. A node nobody holds is returned
-        with no holders and zero counts.
+        """GetNode returns one node's aggregate flags, its holders, its waiters in queue order and any
+        lock-delay. A node nobody holds is returned with no holders and zero counts.
         """
+
+    @_abc_1.abstractmethod
+    def Update(
+        self,
+        request: _nac_pb2.UpdateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nac_pb2.UpdateResponse, _abc.Awaitable[_nac_pb2.UpdateResponse]]:
+        """Update converts a held job: it replaces the job's node list and masks at once, all nodes or
+        none. The job is checked against every other holder and any lock-delay, never against itself
+        or the waiters (conversions go first, as in a DLM). Loosening (fewer requires, more allows,
+        fewer nodes) therefore always succeeds. A refusal leaves the job exactly as it was and
+        explains itself like Acquire. A grant keeps the fencing token and the lease, takes a new
+        revision and emits UPDATED. Only the owner may update (PERMISSION_DENIED); an unknown job is
+        NOT_FOUND. Repeating an update that was applied is granted again with no new event.
+        """
+
+    @_abc_1.abstractmethod
+    def ForceRelease(
+        self,
+        request: _nac_pb2.ForceReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nac_pb2.ForceReleaseResponse, _abc.Awaitable[_nac_pb2.ForceReleaseResponse]]:
+        """ForceRelease ends another owner's job, for operators. It applies the namespace's lock-delay
+        (the holder may still be alive and writing) and emits FORCE_RELEASED with the reason and the
+        caller. The job's fencing token is stale from then on: every later grant gets a higher one.
+        It needs the operator role: the metadata "authorization: Bearer <admin token>" matching the
+        server's --admin-token (UNAUTHENTICATED without it, PERMISSION_DENIED when wrong or when the
+        server has no admin token). An unknown job answers released=false.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfigureNamespace(
+        self,
+        request: _nac_pb2.ConfigureNamespaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nac_pb2.NamespaceConfig, _abc.Awaitable[_nac_pb2.NamespaceConfig]]:
+        """ConfigureNamespace sets a namespace's settings (operator role, as ForceRelease). They apply
+        to every replica at once.
+        """
+
+    @_abc_1.abstractmethod
+    def GetNamespaceConfig(
+        self,
+        request: _nac_pb2.GetNamespaceConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nac_pb2.NamespaceConfig, _abc.Awaitable[_nac_pb2.NamespaceConfig]]:
+        """GetNamespaceConfig returns a namespace's settings, defaults included."""
 
 def add_NodeAccessControlServicer_to_server(servicer: NodeAccessControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

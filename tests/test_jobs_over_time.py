@@ -1,0 +1,475 @@
+"""Jobs over time, end to end on two replicas: conversion, fair waiting, deadlock, lock-delay,
+contention notices and force-release."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from nac_proto.nac.v1 import nac_pb2 as pb
+from nac_proto.nac.v1 import nac_pb2_grpc
+from nac_server.embedded import RedisProcess
+from tests.conftest import ADMIN_TOKEN
+from tests.servers import ServerProcess
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = nac_pb2_grpc.NodeAccessControlAsyncStub
+else:
+    Stub = nac_pb2_grpc.NodeAccessControlStub
+
+Actions = list[pb.Action.ValueType]
+W, R, GRAPH, RESIZE = pb.MODIFY_VISIBLE_DATA, pb.READ_VISIBLE_DATA, pb.GRAPH_RECONFIG, pb.RESIZE
+ALL: Actions = [pb.Action.ValueType(value) for value in range(1, 7)]
+OPERATOR = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
+@pytest.fixture
+async def stubs(servers: tuple[ServerProcess, ServerProcess]) -> AsyncIterator[tuple[Stub, Stub]]:
+    async with (
+        grpc.aio.insecure_channel(servers[0].target) as first,
+        grpc.aio.insecure_channel(servers[1].target) as second,
+    ):
+        yield Stub(first), Stub(second)
+
+
+def access(node: str, require: Actions, allow: Actions) -> pb.NodeAccess:
+    return pb.NodeAccess(node=node, require=require, allow=allow)
+
+
+def acquire_request(
+    namespace: str,
+    job_id: str,
+    owner: str,
+    *nodes: pb.NodeAccess,
+    wait_s: float = 0,
+    ttl_s: float = 30,
+) -> pb.AcquireRequest:
+    request = pb.AcquireRequest(
+        namespace=namespace, job_id=job_id, owner=owner, operation=f"op-{job_id}", nodes=nodes
+    )
+    request.ttl.FromMilliseconds(round(ttl_s * 1000))
+    if wait_s:
+        request.wait.FromMilliseconds(round(wait_s * 1000))
+    return request
+
+
+async def take(call: AsyncIterable[pb.WatchEvent], count: int) -> list[pb.WatchEvent]:
+    events: list[pb.WatchEvent] = []
+    async with asyncio.timeout(15):
+        async for event in call:
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+async def set_lock_delay(stub: Stub, namespace: str, seconds: float) -> None:
+    request = pb.ConfigureNamespaceRequest(namespace=namespace)
+    request.lock_delay.FromMilliseconds(round(seconds * 1000))
+    await stub.ConfigureNamespace(request, metadata=OPERATOR)
+
+
+# --- Conversion ------------------------------------------------------------------------------
+
+
+async def test_mirror_widens_to_graph_reconfig_when_nobody_forbids_it(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    """Update grants the wider masks atomically: same token, new revision, UPDATED event."""
+    first, second = stubs
+    mirror = await first.Acquire(
+        acquire_request(namespace, "mirror", "host-a", access("/src", [R], [R, W]))
+    )
+    watch = second.Watch(pb.WatchRequest(namespace=namespace, start_revision=2))
+    updated = await second.Update(
+        pb.UpdateRequest(
+            namespace=namespace,
+            job_id="mirror",
+            owner="host-a",
+            nodes=[access("/src", [R, GRAPH], [R]), access("/dst", [W], [])],
+        )
+    )
+    assert updated.updated and updated.revision == mirror.revision + 1
+    assert updated.job.fencing_token == mirror.job.fencing_token
+    assert {n.node for n in updated.job.nodes} == {"/src", "/dst"}
+    [event] = await take(watch, 1)
+    assert (event.type, event.job.job_id) == (pb.WatchEvent.UPDATED, "mirror")
+    dst = await first.GetNode(pb.GetNodeRequest(namespace=namespace, node="/dst"))
+    assert [job.job_id for job in dst.holders] == ["mirror"]
+
+
+async def test_refused_conversion_leaves_the_job_exactly_as_it_was(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    """A conversion another holder forbids is refused with the explanation; nothing moves."""
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "mirror", "host-a", access("/src", [R], [R, W])))
+    await second.Acquire(
+        acquire_request(namespace, "guest", "host-b", access("/src", [R, W], [R, W]))
+    )
+    before = await first.GetJob(pb.GetJobRequest(namespace=namespace, job_id="mirror"))
+    node_before = await first.GetNode(pb.GetNodeRequest(namespace=namespace, node="/src"))
+    refused = await second.Update(
+        pb.UpdateRequest(
+            namespace=namespace,
+            job_id="mirror",
+            owner="host-a",
+            nodes=[access("/src", [R, GRAPH], [R]), access("/new", [W], [])],
+        )
+    )
+    assert not refused.updated
+    kinds = {(c.action, c.kind, c.holder_job_id) for c in refused.conflicts}
+    assert kinds == {
+        (GRAPH, pb.Conflict.HOLDER_DOES_NOT_ALLOW, "guest"),
+        (W, pb.Conflict.HOLDER_REQUIRES, "guest"),
+    }
+    after = await first.GetJob(pb.GetJobRequest(namespace=namespace, job_id="mirror"))
+    node_after = await first.GetNode(pb.GetNodeRequest(namespace=namespace, node="/src"))
+    assert after == before
+    assert list(node_after.tallies) == list(node_before.tallies)
+    new_node = await first.GetNode(pb.GetNodeRequest(namespace=namespace, node="/new"))
+    assert list(new_node.holders) == []
+
+
+async def test_loosening_always_succeeds_and_only_the_owner_may_update(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "commit", "host-a", access("/a", [W, R], [R])))
+    await second.Acquire(acquire_request(namespace, "reader", "host-b", access("/a", [R], [R, W])))
+    loosened = await first.Update(
+        pb.UpdateRequest(
+            namespace=namespace, job_id="commit", owner="host-a", nodes=[access("/a", [R], ALL)]
+        )
+    )
+    assert loosened.updated
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await first.Update(
+            pb.UpdateRequest(
+                namespace=namespace, job_id="commit", owner="host-b", nodes=[access("/a", [], ALL)]
+            )
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await first.Update(
+            pb.UpdateRequest(
+                namespace=namespace, job_id="nobody", owner="host-a", nodes=[access("/a", [], ALL)]
+            )
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- Waiting ---------------------------------------------------------------------------------
+
+
+async def test_waiter_is_granted_when_the_holder_releases_through_another_replica(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "commit", "host-a", access("/a", [W], [])))
+    waiting = asyncio.ensure_future(
+        second.Acquire(
+            acquire_request(namespace, "mirror", "host-b", access("/a", [W], []), wait_s=20)
+        )
+    )
+    await asyncio.sleep(0.5)
+    state = await first.GetNode(pb.GetNodeRequest(namespace=namespace, node="/a"))
+    assert [(w.job_id, w.state, dict(w.queue_positions)) for w in state.waiters] == [
+        ("mirror", pb.Job.WAITING, {"/a": 1})
+    ]
+    started = time.monotonic()
+    await first.Release(pb.ReleaseRequest(namespace=namespace, job_id="commit", owner="host-a"))
+    granted = await waiting
+    assert granted.granted and granted.job.job_id == "mirror"
+    assert time.monotonic() - started < 2
+    listed = await first.ListJobs(pb.ListJobsRequest(namespace=namespace))
+    assert [job.job_id for job in listed.jobs] == ["mirror"] and list(listed.waiters) == []
+
+
+async def test_wait_that_times_out_answers_with_the_conflicts_and_leaves_the_queue(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "commit", "host-a", access("/a", [W], [])))
+    started = time.monotonic()
+    reply = await second.Acquire(
+        acquire_request(namespace, "mirror", "host-b", access("/a", [W], []), wait_s=1)
+    )
+    assert 0.9 <= time.monotonic() - started < 4
+    assert not reply.granted and {c.holder_job_id for c in reply.conflicts} == {"commit"}
+    listed = await first.ListJobs(pb.ListJobsRequest(namespace=namespace))
+    assert list(listed.waiters) == []
+
+
+async def test_a_disconnecting_waiter_leaves_the_queue_at_once(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "commit", "host-a", access("/a", [W], [])))
+    call = second.Acquire(
+        acquire_request(namespace, "mirror", "host-b", access("/a", [W], []), wait_s=30)
+    )
+    await asyncio.sleep(0.5)
+    assert len((await first.ListJobs(pb.ListJobsRequest(namespace=namespace))).waiters) == 1
+    watch = first.Watch(pb.WatchRequest(namespace=namespace, job_ids=["mirror"]))
+    await watch.initial_metadata()
+    call.cancel()
+    [ended] = await take(watch, 1)
+    assert (ended.type, ended.job.job_id) == (pb.WatchEvent.WAIT_ENDED, "mirror")
+    assert list((await first.ListJobs(pb.ListJobsRequest(namespace=namespace))).waiters) == []
+
+
+async def test_writer_is_not_starved_by_a_stream_of_readers(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    """Once a writer queues, readers compatible with the current readers queue behind it; the
+    writer is granted as soon as the readers it found have left: zero reader grants between."""
+    first, second = stubs
+    reader_access = access("/disk", [R], [R])
+    for index in range(3):
+        reply = await first.Acquire(
+            acquire_request(namespace, f"early-{index}", f"reader-{index}", reader_access)
+        )
+        assert reply.granted
+    writer = asyncio.ensure_future(
+        second.Acquire(
+            acquire_request(namespace, "writer", "host-w", access("/disk", [W, R], []), wait_s=30)
+        )
+    )
+    await asyncio.sleep(0.3)
+    late_grants = 0
+    late_refusals = []
+    for index in range(30):
+        reply = await first.Acquire(
+            acquire_request(namespace, f"late-{index}", f"late-{index}", reader_access)
+        )
+        late_grants += reply.granted
+        late_refusals.extend(c.kind for c in reply.conflicts)
+        if index % 10 == 9:
+            early = f"early-{index // 10}"
+            await first.Release(
+                pb.ReleaseRequest(namespace=namespace, job_id=early, owner=f"reader-{index // 10}")
+            )
+    granted = await asyncio.wait_for(writer, 10)
+    assert granted.granted
+    assert late_grants == 0
+    assert set(late_refusals) == {pb.Conflict.WAITING_AHEAD}
+
+
+async def test_jobs_that_conflict_with_nobody_are_granted_past_the_queue(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "commit", "host-a", access("/a", [W], [])))
+    waiter = asyncio.ensure_future(
+        second.Acquire(acquire_request(namespace, "w", "host-b", access("/a", [W], []), wait_s=20))
+    )
+    await asyncio.sleep(0.3)
+    other = await first.Acquire(
+        acquire_request(namespace, "other", "host-c", access("/b", [W], []))
+    )
+    assert other.granted
+    await first.Release(pb.ReleaseRequest(namespace=namespace, job_id="commit", owner="host-a"))
+    assert (await waiter).granted
+
+
+async def test_idle_waiting_does_not_poll_redis(
+    stubs: tuple[Stub, Stub], namespace: str, e2e_redis: RedisProcess
+) -> None:
+    """Commands Redis processes while a waiter idles are about those with no waiter at all."""
+    first, second = stubs
+    redis = Redis.from_url(e2e_redis.url)
+    try:
+        await first.Acquire(acquire_request(namespace, "commit", "host-a", access("/a", [W], [])))
+
+        async def commands_during(seconds: float) -> int:
+            before = int((await redis.info("stats"))["total_commands_processed"])
+            await asyncio.sleep(seconds)
+            return int((await redis.info("stats"))["total_commands_processed"]) - before - 1
+
+        baseline = await commands_during(2.5)
+        waiter = asyncio.ensure_future(
+            second.Acquire(
+                acquire_request(namespace, "w", "host-b", access("/a", [W], []), wait_s=30)
+            )
+        )
+        await asyncio.sleep(0.3)
+        waiting = await commands_during(2.5)
+        # A poll every 100 ms would add 25; the liveness refresh adds at most one.
+        assert waiting <= baseline + 3, (baseline, waiting)
+        await first.Release(pb.ReleaseRequest(namespace=namespace, job_id="commit", owner="host-a"))
+        assert (await asyncio.wait_for(waiter, 5)).granted
+    finally:
+        await redis.aclose()
+
+
+async def test_hold_and_wait_across_two_owners_is_a_deadlock(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    """A holds J1 and waits for J2's node while B, holding J2, waits for J1's: ABORTED."""
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "j1", "owner-a", access("/x", [W], [])))
+    await second.Acquire(acquire_request(namespace, "j2", "owner-b", access("/y", [W], [])))
+    a_waits = asyncio.ensure_future(
+        first.Acquire(acquire_request(namespace, "a2", "owner-a", access("/y", [W], []), wait_s=20))
+    )
+    await asyncio.sleep(0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await second.Acquire(
+            acquire_request(namespace, "b2", "owner-b", access("/x", [W], []), wait_s=20)
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    message = caught.value.details() or ""
+    assert "owner-a" in message and "owner-b" in message and "j1" in message and "j2" in message
+    await second.Release(pb.ReleaseRequest(namespace=namespace, job_id="j2", owner="owner-b"))
+    assert (await a_waits).granted
+
+
+# --- Lock-delay and force-release ------------------------------------------------------------
+
+
+async def test_lock_delay_after_expiry_but_not_after_release(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await set_lock_delay(first, namespace, 2)
+    await first.Acquire(acquire_request(namespace, "clean", "host-a", access("/clean", [W], [])))
+    await first.Release(pb.ReleaseRequest(namespace=namespace, job_id="clean", owner="host-a"))
+    assert (
+        await second.Acquire(acquire_request(namespace, "n1", "host-b", access("/clean", [W], [])))
+    ).granted
+
+    await first.Acquire(
+        acquire_request(namespace, "lost", "host-a", access("/lost", [W], [R]), ttl_s=1)
+    )
+    watch = second.Watch(pb.WatchRequest(namespace=namespace, job_ids=["lost"]))
+    events = await take(watch, 1)
+    assert events[0].type == pb.WatchEvent.EXPIRED
+    refused = await second.Acquire(
+        acquire_request(namespace, "n2", "host-b", access("/lost", [W], []))
+    )
+    assert not refused.granted
+    assert {(c.kind, c.holder_job_id) for c in refused.conflicts} == {
+        (pb.Conflict.LOCK_DELAY, "lost")
+    }
+    assert refused.conflicts[0].until.ToMilliseconds() > events[0].time.ToMilliseconds()
+    # A reader that the lost writer allowed, and that allows its writes, is not blocked.
+    reader = await second.Acquire(
+        acquire_request(namespace, "n3", "host-b", access("/lost", [R], [R, W]))
+    )
+    assert reader.granted
+    await second.Release(pb.ReleaseRequest(namespace=namespace, job_id="n3", owner="host-b"))
+    state = await first.GetNode(pb.GetNodeRequest(namespace=namespace, node="/lost"))
+    assert state.lock_delay.job.job_id == "lost"
+    waited = await second.Acquire(
+        acquire_request(namespace, "n4", "host-b", access("/lost", [W], []), wait_s=10)
+    )
+    assert waited.granted
+    assert waited.job.acquired_at.ToMilliseconds() >= refused.conflicts[0].until.ToMilliseconds()
+
+
+async def test_force_release_needs_the_operator_and_applies_the_lock_delay(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await set_lock_delay(first, namespace, 1.5)
+    held = await first.Acquire(acquire_request(namespace, "stuck", "host-a", access("/a", [W], [])))
+    request = pb.ForceReleaseRequest(
+        namespace=namespace, job_id="stuck", reason="host-a is down", actor="alice"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await second.ForceRelease(request)
+    assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await second.ForceRelease(request, metadata=(("authorization", "Bearer nope"),))
+    assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    watch = first.Watch(pb.WatchRequest(namespace=namespace, job_ids=["stuck"]))
+    await watch.initial_metadata()
+    released = await second.ForceRelease(request, metadata=OPERATOR)
+    assert released.released and released.job.owner == "host-a"
+    assert released.lock_delay_until.ToMilliseconds() > 0
+    [event] = await take(watch, 1)
+    assert event.type == pb.WatchEvent.FORCE_RELEASED
+    assert event.reason == "host-a is down" and event.actor.startswith("alice from ")
+    blocked = await first.Acquire(
+        acquire_request(namespace, "next", "host-b", access("/a", [W], []))
+    )
+    assert {c.kind for c in blocked.conflicts} == {pb.Conflict.LOCK_DELAY}
+    after = await first.Acquire(
+        acquire_request(namespace, "next", "host-b", access("/a", [W], []), wait_s=10)
+    )
+    assert after.granted and after.job.fencing_token > held.job.fencing_token
+    again = await second.ForceRelease(request, metadata=OPERATOR)
+    assert not again.released
+
+
+async def test_the_server_default_lock_delay_applies_without_namespace_config(
+    namespace: str,
+) -> None:
+    """--lock-delay is the default of namespaces with no setting of their own."""
+    # A Redis of its own: the shared replicas run with another default and sweep every namespace.
+    with RedisProcess() as redis, ServerProcess(redis.url, "--lock-delay", "1") as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = Stub(channel)
+            config = await stub.GetNamespaceConfig(
+                pb.GetNamespaceConfigRequest(namespace=namespace)
+            )
+            assert config.lock_delay.ToMilliseconds() == 1000
+            await stub.Acquire(
+                acquire_request(namespace, "lost", "a", access("/a", [W], []), ttl_s=1)
+            )
+            await asyncio.sleep(1.5)
+            refused = await stub.Acquire(
+                acquire_request(namespace, "next", "b", access("/a", [W], []))
+            )
+            assert [c.kind for c in refused.conflicts] == [pb.Conflict.LOCK_DELAY]
+
+
+# --- Contention notices ----------------------------------------------------------------------
+
+
+async def test_holder_hears_of_contention_at_most_once_a_second_per_waiter(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    first, second = stubs
+    await first.Acquire(acquire_request(namespace, "backup", "host-a", access("/a", [R], [R])))
+    watch = first.Watch(pb.WatchRequest(namespace=namespace, job_ids=["backup"]))
+    await watch.initial_metadata()
+    for _ in range(5):
+        refused = await second.Acquire(
+            acquire_request(namespace, "writer", "host-b", access("/a", [W], [R]))
+        )
+        assert not refused.granted
+    await asyncio.sleep(1.1)
+    await second.Acquire(acquire_request(namespace, "writer", "host-b", access("/a", [W], [R])))
+    events = await take(watch, 2)
+    assert [e.type for e in events] == [pb.WatchEvent.CONTENDED] * 2
+    first_event = events[0]
+    assert first_event.job.job_id == "backup"
+    assert first_event.contention.waiter.job_id == "writer"
+    assert first_event.contention.waiter.owner == "host-b"
+    assert {(c.node, c.action, c.kind) for c in first_event.contention.conflicts} == {
+        ("/a", W, pb.Conflict.HOLDER_DOES_NOT_ALLOW)
+    }
+    assert events[1].time.ToMilliseconds() - first_event.time.ToMilliseconds() >= 1000
+    # Exactly two: the four refusals within the first second were folded into one.
+    listed = await first.ListJobs(pb.ListJobsRequest(namespace=namespace))
+    contended = [
+        e
+        async for e in _history(first, namespace, listed.revision)
+        if e.type == pb.WatchEvent.CONTENDED
+    ]
+    assert len(contended) == 2
+
+
+async def _history(stub: Stub, namespace: str, upto: int) -> AsyncIterator[pb.WatchEvent]:
+    async for event in stub.Watch(pb.WatchRequest(namespace=namespace, start_revision=1)):
+        yield event
+        if event.revision >= upto:
+            return

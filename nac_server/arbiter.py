@@ -46,7 +46,7 @@ class Arbiter:
                 response.cycle,
             )
             raise Deadlock(command.namespace, command.job_id, response.cycle)
-        if response.outcome is Outcome.REFUSED:
+        if response.outcome in (Outcome.REFUSED, Outcome.QUEUED):
             first = response.conflicts[0]
             log.info(
                 "acquire refused ns=%s job=%s owner=%s op=%s conflicts=%d first=%s:%s:%s:%s%s",
@@ -66,10 +66,11 @@ class Arbiter:
                 conflicts=[convert.conflict(c) for c in response.conflicts],
                 revision=response.revision,
             )
-        if response.job is None:  # dry run that would be granted
+        if response.outcome is Outcome.WOULD_GRANT:
             log.info("acquire would-grant ns=%s job=%s dry-run", command.namespace, command.job_id)
             return pb.AcquireResponse(granted=True, revision=response.revision)
         job = response.job
+        assert job is not None, response
         log.info(
             "acquire %s ns=%s job=%s owner=%s op=%s nodes=%d token=%d rev=%d",
             response.outcome.value,

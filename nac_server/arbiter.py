@@ -318,8 +318,10 @@ async def _wake_on(
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
         if subscription.overflowed:
-            # Events were dropped: one of them may have concerned us.
+            # Events were dropped: one of them may have concerned us. Start afresh.
             subscription.overflowed = False
+            while not subscription.queue.empty():
+                subscription.queue.get_nowait()
             return
         try:
             event = await asyncio.wait_for(next_event(hub, subscription, 0), remaining)

@@ -473,3 +473,17 @@ async def _history(stub: Stub, namespace: str, upto: int) -> AsyncIterator[pb.Wa
         yield event
         if event.revision >= upto:
             return
+
+
+async def test_the_id_of_a_job_in_lock_delay_is_not_reused(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    """Until its delay ends, a lost job still counts as a holder, so its id stays taken."""
+    first, _ = stubs
+    await set_lock_delay(first, namespace, 30)
+    await first.Acquire(acquire_request(namespace, "j0", "a", access("/a", [W], []), ttl_s=1))
+    watch = first.Watch(pb.WatchRequest(namespace=namespace, job_ids=["j0"], start_revision=1))
+    assert [e.type for e in await take(watch, 2)] == [pb.WatchEvent.ACQUIRED, pb.WatchEvent.EXPIRED]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await first.Acquire(acquire_request(namespace, "j0", "a", access("/b", [W], [])))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS

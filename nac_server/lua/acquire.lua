@@ -10,7 +10,8 @@
 -- Returns one of
 --   {"granted", revision, job_json}       the job now holds every node
 --   {"existing", revision, job_json}      the same job was already held (a retry)
---   {"exists", revision, job_json}        the id is held or waiting with other content
+--   {"exists", revision, job_json}        the id is held or waiting with other content, or
+--                                         belongs to a lost job still in lock-delay
 --   {"would_grant", revision}             dry run, no conflict
 --   {"refused", revision, {}, c...}       conflicts as flat groups of seven (see _lib)
 --   {"queued", revision, {position per node}, c...}   waiting; call again to re-check
@@ -58,6 +59,11 @@ if not dry_run then
   if stored then
     return {same_content(cjson.decode(stored)) and 'existing' or 'exists',
       current_revision(keys.rev), stored}
+  end
+  -- A lost job in lock-delay still counts as holding its nodes, so its id is still in use.
+  local lost = redis.call('HGET', keys.ghostjobs, job_id)
+  if lost then
+    return {'exists', current_revision(keys.rev), lost}
   end
   local queued = redis.call('HGET', keys.waiters, job_id)
   if queued then

@@ -54,8 +54,6 @@ if delay > 0 then
   for i = 1, #record.nodes do
     local node_key = KEYS[FIXED + i]
     local masks = redis.call('HGET', node_key, 'h:' .. job_id)
-    -- An earlier job under the same id may still be in lock-delay here; the new one replaces it.
-    remove_holder(node_key, 'g:' .. job_id, nactions)
     redis.call('HDEL', node_key, 'h:' .. job_id)
     redis.call('HSET', node_key, 'g:' .. job_id, masks)
   end

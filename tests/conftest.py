@@ -12,7 +12,6 @@ from nac_server.embedded import RedisProcess
 from nac_server.store import Store
 from tests.servers import ServerProcess
 
-
 ADMIN_TOKEN = "test-admin-token"
 
 

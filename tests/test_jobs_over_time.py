@@ -244,7 +244,7 @@ async def test_writer_is_not_starved_by_a_stream_of_readers(
     )
     await asyncio.sleep(0.3)
     late_grants = 0
-    late_refusals = []
+    late_refusals: list[pb.Conflict.Kind.ValueType] = []
     for index in range(30):
         reply = await first.Acquire(
             acquire_request(namespace, f"late-{index}", f"late-{index}", reader_access)

@@ -1,8 +1,10 @@
 """Client library for NAC, the cluster-wide arbiter for operations on shared block storage.
 
-AsyncClient (asyncio) and Client (blocking) offer the same API: acquire, check, release,
-get_job, list_jobs, get_node, keep_alive, hold and watch. Values are plain dataclasses; errors
-are NacError subclasses.
+AsyncClient (asyncio) and Client (blocking) offer the same API: acquire (optionally waiting in
+the nodes' queues), check, update, check_update, release, get_job, list_jobs, get_node,
+keep_alive, hold and watch; for operators (with admin_token), force_release and
+configure_namespace, and get_namespace_config. Values are plain dataclasses; errors are NacError
+subclasses.
 """
 
 from nac_client._async.client import AsyncClient, AsyncHold
@@ -10,12 +12,14 @@ from nac_client._errors import (
     AlreadyExists,
     Conflict,
     DeadlineExceeded,
+    Deadlock,
     HistoryCompacted,
     HoldLost,
     InvalidArgument,
     NacError,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
     WatcherTooSlow,
 )
@@ -25,10 +29,14 @@ from nac_client._types import (
     ActionTally,
     ConflictDetail,
     ConflictKind,
+    Contention,
     Event,
     EventType,
     Job,
+    JobState,
     KeepAliveResult,
+    LockDelay,
+    NamespaceConfig,
     NodeAccess,
     NodeState,
 )
@@ -43,7 +51,9 @@ __all__ = [
     "Conflict",
     "ConflictDetail",
     "ConflictKind",
+    "Contention",
     "DeadlineExceeded",
+    "Deadlock",
     "Event",
     "EventType",
     "HistoryCompacted",
@@ -51,12 +61,16 @@ __all__ = [
     "HoldLost",
     "InvalidArgument",
     "Job",
+    "JobState",
     "KeepAliveResult",
+    "LockDelay",
     "NacError",
+    "NamespaceConfig",
     "NodeAccess",
     "NodeState",
     "NotFound",
     "PermissionDenied",
+    "Unauthenticated",
     "Unavailable",
     "WatcherTooSlow",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -12,10 +12,14 @@ from nac_client._types import (
     ActionTally,
     ConflictDetail,
     ConflictKind,
+    Contention,
     Event,
     EventType,
     Job,
+    JobState,
     KeepAliveResult,
+    LockDelay,
+    NamespaceConfig,
     NodeAccess,
     NodeState,
 )
@@ -30,6 +34,14 @@ def to_timedelta(ttl: timedelta | float | None) -> timedelta | None:
     if length <= timedelta(0):
         raise ValueError(f"ttl must be positive, got {length}")
     return length
+
+
+def to_non_negative_timedelta(length: timedelta | float, name: str) -> timedelta:
+    """Reads a wait or a delay given as a timedelta or as seconds; zero means none."""
+    value = length if isinstance(length, timedelta) else timedelta(seconds=length)
+    if value < timedelta(0):
+        raise ValueError(f"{name} must not be negative, got {value}")
+    return value
 
 
 def datetime_from_proto(stamp: timestamp_pb2.Timestamp) -> datetime:
@@ -74,18 +86,68 @@ def job_from_proto(message: nac_pb2.Job) -> Job:
         acquired_at=datetime_from_proto(message.acquired_at),
         expires_at=datetime_from_proto(message.expires_at),
         ttl=message.ttl.ToTimedelta(),
+        # A server older than job states only ever returns held jobs.
+        state=JobState.WAITING if message.state == nac_pb2.Job.WAITING else JobState.HELD,
+        queue_positions=dict(message.queue_positions),
+        wait_deadline=(
+            datetime_from_proto(message.wait_deadline)
+            if message.HasField("wait_deadline")
+            else None
+        ),
     )
 
 
-def conflict_from_proto(message: nac_pb2.Conflict) -> ConflictDetail:
+def _direction(
+    kind: ConflictKind, action: Action, request: NodeAccess | None
+) -> ConflictKind | None:
+    """Which way round a conflict goes, where the wire does not say (LOCK_DELAY, WAITING_AHEAD).
+
+    The request conflicts on an action it requires (the holder must not allow it) or does not
+    allow (the holder must require it). Only when exactly one of these holds is the way known.
+    """
+    if kind in (ConflictKind.HOLDER_DOES_NOT_ALLOW, ConflictKind.HOLDER_REQUIRES):
+        return kind
+    if request is None:
+        return None
+    requires = action in request.require
+    forbids = action not in request.allow
+    if requires and not forbids:
+        return ConflictKind.HOLDER_DOES_NOT_ALLOW
+    if forbids and not requires:
+        return ConflictKind.HOLDER_REQUIRES
+    return None
+
+
+def conflict_from_proto(
+    message: nac_pb2.Conflict, request: Mapping[str, NodeAccess] | None = None
+) -> ConflictDetail:
+    """Converts one conflict.
+
+    Args:
+        message: The conflict as the server sent it.
+        request: The refused request's access per node, when known, to tell which way round
+            a LOCK_DELAY or WAITING_AHEAD conflict goes.
+    """
+    action = Action(message.action)
+    kind = ConflictKind(message.kind)
     return ConflictDetail(
         node=message.node,
-        action=Action(message.action),
-        kind=ConflictKind(message.kind),
+        action=action,
+        kind=kind,
         holder_job_id=message.holder_job_id,
         holder_owner=message.holder_owner,
         holder_operation=message.holder_operation,
+        until=datetime_from_proto(message.until) if message.HasField("until") else None,
+        direction=_direction(kind, action, (request or {}).get(message.node)),
     )
+
+
+def conflicts_from_proto(
+    messages: Iterable[nac_pb2.Conflict], request: Iterable[NodeAccess]
+) -> tuple[ConflictDetail, ...]:
+    """Converts a refusal's conflicts, given the nodes of the request that was refused."""
+    by_node = {access.node: access for access in request}
+    return tuple(conflict_from_proto(c, by_node) for c in messages)
 
 
 def node_state_from_proto(message: nac_pb2.NodeState) -> NodeState:
@@ -100,6 +162,22 @@ def node_state_from_proto(message: nac_pb2.NodeState) -> NodeState:
         ),
         holders=tuple(job_from_proto(j) for j in message.holders),
         revision=message.revision,
+        waiters=tuple(job_from_proto(j) for j in message.waiters),
+        lock_delay=(
+            LockDelay(
+                job=job_from_proto(message.lock_delay.job),
+                until=datetime_from_proto(message.lock_delay.until),
+            )
+            if message.HasField("lock_delay")
+            else None
+        ),
+    )
+
+
+def _contention_from_proto(message: nac_pb2.Contention) -> Contention:
+    waiter = job_from_proto(message.waiter)
+    return Contention(
+        waiter=waiter, conflicts=conflicts_from_proto(message.conflicts, waiter.nodes)
     )
 
 
@@ -109,7 +187,16 @@ def event_from_proto(message: nac_pb2.WatchEvent) -> Event:
         type=EventType(message.type),
         job=job_from_proto(message.job) if message.HasField("job") else None,
         time=datetime_from_proto(message.time),
+        contention=(
+            _contention_from_proto(message.contention) if message.HasField("contention") else None
+        ),
+        reason=message.reason,
+        actor=message.actor,
     )
+
+
+def namespace_config_from_proto(message: nac_pb2.NamespaceConfig) -> NamespaceConfig:
+    return NamespaceConfig(namespace=message.namespace, lock_delay=message.lock_delay.ToTimedelta())
 
 
 def keep_alive_result_from_proto(message: nac_pb2.KeepAliveResponse) -> KeepAliveResult:
@@ -133,6 +220,7 @@ def acquire_request(
     nodes: Iterable[NodeAccess],
     ttl: timedelta | None,
     dry_run: bool,
+    wait: timedelta | None = None,
 ) -> nac_pb2.AcquireRequest:
     return nac_pb2.AcquireRequest(
         namespace=namespace,
@@ -141,5 +229,18 @@ def acquire_request(
         operation=operation,
         nodes=[node_access_to_proto(n) for n in nodes],
         ttl=duration_to_proto(ttl) if ttl is not None else None,
+        dry_run=dry_run,
+        wait=duration_to_proto(wait) if wait else None,
+    )
+
+
+def update_request(
+    *, namespace: str, owner: str, job_id: str, nodes: Iterable[NodeAccess], dry_run: bool
+) -> nac_pb2.UpdateRequest:
+    return nac_pb2.UpdateRequest(
+        namespace=namespace,
+        job_id=job_id,
+        owner=owner,
+        nodes=[node_access_to_proto(n) for n in nodes],
         dry_run=dry_run,
     )

@@ -70,11 +70,11 @@ class AlreadyExists(NacError):
 
 
 class PermissionDenied(NacError):
-    """The job belongs to another owner.
+    """The job belongs to another owner, or an operator call's admin token is wrong.
 
     Attributes:
-        job_id: The job concerned.
-        owner: The job's actual owner.
+        job_id: The job concerned, when a job's ownership is the cause.
+        owner: The job's actual owner, likewise.
     """
 
     default_code = grpc.StatusCode.PERMISSION_DENIED
@@ -86,6 +86,12 @@ class PermissionDenied(NacError):
     @property
     def owner(self) -> str | None:
         return self.metadata.get("owner")
+
+
+class Unauthenticated(NacError):
+    """An operator call carried no admin token: pass admin_token to the client."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class NotFound(NacError):
@@ -151,8 +157,24 @@ class DeadlineExceeded(NacError):
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Deadlock(NacError):
+    """A waiting acquire would have closed a cycle of owners waiting on each other's jobs.
+
+    The job did not queue. Waiting again would deadlock again: release something first.
+
+    Attributes:
+        cycle: The cycle, as the server describes it.
+    """
+
+    default_code = grpc.StatusCode.ABORTED
+
+    @property
+    def cycle(self) -> str | None:
+        return self.metadata.get("cycle")
+
+
 class Conflict(NacError):
-    """Acquire was refused: current jobs conflict with the request. Not an RPC error.
+    """Acquire or update was refused: other jobs conflict with the request. Not an RPC error.
 
     Attributes:
         job_id: The job id the request used.
@@ -195,6 +217,9 @@ _CLASS_OF_REASON: dict[str, type[NacError]] = {
     "WATCHER_TOO_SLOW": WatcherTooSlow,
     "SHUTTING_DOWN": Unavailable,
     "STORE_UNAVAILABLE": Unavailable,
+    "DEADLOCK": Deadlock,
+    "NO_CREDENTIALS": Unauthenticated,
+    "NOT_OPERATOR": PermissionDenied,
 }
 
 # Used when the status carries no ErrorInfo, e.g. errors raised by gRPC itself. Not
@@ -203,6 +228,7 @@ _CLASS_OF_CODE: dict[grpc.StatusCode, type[NacError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.OUT_OF_RANGE: HistoryCompacted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

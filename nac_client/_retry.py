@@ -36,6 +36,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and status_code(exc) in TRANSIENT_CODES
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """True when the server could not be reached: a waiting call's only retryable failure.
+
+    A waiting call that ran out of time has waited all it was asked to; trying again would
+    wait a second time.
+    """
+    return isinstance(exc, grpc.RpcError) and status_code(exc) is grpc.StatusCode.UNAVAILABLE
+
+
 def backoff_delay(attempt: int, *, uniform: Callable[[], float] = random.random) -> float:
     """Seconds to wait before retry number `attempt` (1-based): exponential with full jitter.
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 
 class Action(enum.IntEnum):
@@ -56,9 +56,17 @@ class NodeAccess:
         object.__setattr__(self, "allow", frozenset(Action(a) for a in allow))
 
 
+class JobState(enum.Enum):
+    """Whether a job holds its nodes or waits in their queues; mirrors nac.v1.Job.State."""
+
+    HELD = 1
+    WAITING = 2
+    """Queued by an acquire with a wait: holds nothing yet and has no fencing token."""
+
+
 @dataclass(frozen=True)
 class Job:
-    """One granted operation and the nodes it holds.
+    """One operation and the nodes it holds, or waits for.
 
     Attributes:
         namespace: The storage domain the job lives in.
@@ -70,6 +78,9 @@ class Job:
         acquired_at: When the job was granted (the store's clock).
         expires_at: When the lease ends unless renewed (the store's clock).
         ttl: The lease length each renewal restores.
+        state: HELD, or WAITING for a job queued by an acquire with a wait.
+        queue_positions: For a waiting job, its place in each node's queue, 1 being next.
+        wait_deadline: For a waiting job, when its wait ends.
     """
 
     namespace: str
@@ -81,20 +92,42 @@ class Job:
     acquired_at: datetime
     expires_at: datetime
     ttl: timedelta
+    state: JobState = JobState.HELD
+    # Left out of the hash (a dict has none) but compared like every other field.
+    queue_positions: Mapping[str, int] = field(default_factory=dict, hash=False)
+    wait_deadline: datetime | None = None
 
 
 class ConflictKind(enum.Enum):
-    """Which way round a conflict goes."""
+    """Why a holder is in the way; mirrors nac.v1.Conflict.Kind."""
 
     HOLDER_DOES_NOT_ALLOW = 1
     """The request requires the action and the holder does not allow it."""
     HOLDER_REQUIRES = 2
     """The holder requires the action and the request does not allow it."""
+    LOCK_DELAY = 3
+    """The holder's lease was lost or force-released; it blocks its nodes until `until`."""
+    WAITING_AHEAD = 4
+    """The holder is a job that queued earlier on the node and would conflict (fairness)."""
 
 
 @dataclass(frozen=True)
 class ConflictDetail:
-    """One reason for a refusal: one node, one action, one direction, one holder."""
+    """One reason for a refusal: one node, one action, one holder.
+
+    Attributes:
+        node: The node the conflict is on.
+        action: The action concerned.
+        kind: Why the holder is in the way.
+        holder_job_id: The job in the way (for WAITING_AHEAD, a job queued earlier).
+        holder_owner: That job's owner.
+        holder_operation: That job's operation.
+        until: For LOCK_DELAY, when the delay ends.
+        direction: Which way round the conflict goes: HOLDER_DOES_NOT_ALLOW or
+            HOLDER_REQUIRES. For those kinds it is the kind itself. LOCK_DELAY and
+            WAITING_AHEAD do not say on the wire, so the client works it out from the request's
+            own masks when they leave one possibility, and leaves None otherwise.
+    """
 
     node: str
     action: Action
@@ -102,14 +135,37 @@ class ConflictDetail:
     holder_job_id: str
     holder_owner: str
     holder_operation: str
+    until: datetime | None = None
+    direction: ConflictKind | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction is None and self.kind in _DIRECTIONS:
+            # Frozen: set past the dataclass's __setattr__, as NodeAccess does.
+            object.__setattr__(self, "direction", self.kind)
 
     def __str__(self) -> str:
         holder = f"job {self.holder_job_id} ({self.holder_operation} by {self.holder_owner})"
-        if self.kind is ConflictKind.HOLDER_REQUIRES:
-            reason = f"requires {self.action.name}, which this job does not allow"
+        action = self.action.name
+        if self.kind is ConflictKind.LOCK_DELAY:
+            until = f" until {clock_time(self.until)}" if self.until is not None else ""
+            return f"refused on {self.node}: lost {holder} is in lock-delay{until} ({action})"
+        if self.direction is ConflictKind.HOLDER_REQUIRES:
+            reason = f"requires {action}, which this job does not allow"
+        elif self.direction is ConflictKind.HOLDER_DOES_NOT_ALLOW:
+            reason = f"does not allow {action}"
         else:
-            reason = f"does not allow {self.action.name}"
+            reason = f"conflicts on {action}"
+        if self.kind is ConflictKind.WAITING_AHEAD:
+            reason = f"queued earlier and {reason}"
         return f"refused on {self.node}: {holder} {reason}"
+
+
+_DIRECTIONS = frozenset({ConflictKind.HOLDER_DOES_NOT_ALLOW, ConflictKind.HOLDER_REQUIRES})
+
+
+def clock_time(moment: datetime) -> str:
+    """The UTC time of day, e.g. "12:00:03Z": enough for delays that last seconds or minutes."""
+    return f"{moment.astimezone(UTC):%H:%M:%S}Z"
 
 
 @dataclass(frozen=True)
@@ -128,14 +184,39 @@ class ActionTally:
 
 
 @dataclass(frozen=True)
+class LockDelay:
+    """The block a lost holder leaves on its nodes, because it may still be writing.
+
+    Attributes:
+        job: The job whose lease was lost or that was force-released, with its masks.
+        until: When the delay ends.
+    """
+
+    job: Job
+    until: datetime
+
+
+@dataclass(frozen=True)
 class NodeState:
-    """One node's aggregate flags and holders, as of a namespace revision."""
+    """One node's aggregate flags, holders, queue and lock-delay, as of a namespace revision.
+
+    Attributes:
+        namespace: The storage domain.
+        node: The node's name.
+        tallies: One entry per action.
+        holders: The jobs holding the node.
+        revision: The namespace revision the state reflects.
+        waiters: The node's queue, next first.
+        lock_delay: Present while the node is in lock-delay.
+    """
 
     namespace: str
     node: str
     tallies: tuple[ActionTally, ...]
     holders: tuple[Job, ...]
     revision: int
+    waiters: tuple[Job, ...] = ()
+    lock_delay: LockDelay | None = None
 
 
 class EventType(enum.Enum):
@@ -149,6 +230,29 @@ class EventType(enum.Enum):
     """One current job, sent when a watch opens with a snapshot."""
     SNAPSHOT_COMPLETE = 6
     """The snapshot is complete; live events follow. Carries no job."""
+    CONTENDED = 7
+    """A job was refused or queued because of the holder `job`; `contention` says who and why."""
+    FORCE_RELEASED = 8
+    """An operator ended `job`; `reason` and `actor` say why and who."""
+    WAITING = 9
+    """`job` started waiting in the queue of its nodes."""
+    WAIT_ENDED = 10
+    """`job` left the queue without a grant: its wait ended or its client went away."""
+    LOCK_DELAY_ENDED = 11
+    """The lock-delay left by `job` is over; its nodes are free of it."""
+
+
+@dataclass(frozen=True)
+class Contention:
+    """A job kept out by a holder, and what they conflict on.
+
+    Attributes:
+        waiter: The job that was refused or queued.
+        conflicts: Each node and action it conflicts with the holder on.
+    """
+
+    waiter: Job
+    conflicts: tuple[ConflictDetail, ...]
 
 
 @dataclass(frozen=True)
@@ -158,15 +262,21 @@ class Event:
     Attributes:
         revision: The namespace revision of the change (for snapshots, the snapshot's revision).
         type: What happened.
-        job: The job after the event (as it was when it ended, for RELEASED and EXPIRED); None
-            for SNAPSHOT_COMPLETE.
+        job: The job after the event (as it was when it ended, for RELEASED, EXPIRED and
+            FORCE_RELEASED; for CONTENDED, the holder in the way); None for SNAPSHOT_COMPLETE.
         time: When it happened (the store's clock).
+        contention: For CONTENDED, the job kept out and why.
+        reason: For FORCE_RELEASED, why the operator ended the job.
+        actor: For FORCE_RELEASED, who did.
     """
 
     revision: int
     type: EventType
     job: Job | None
     time: datetime
+    contention: Contention | None = None
+    reason: str = ""
+    actor: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,3 +296,17 @@ class KeepAliveResult:
     expires_at: datetime | None
     ttl: timedelta | None
     fencing_token: int
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """A namespace's settings, defaults included.
+
+    Attributes:
+        namespace: The storage domain.
+        lock_delay: How long a lost or force-released holder keeps blocking its nodes; zero
+            means no delay.
+    """
+
+    namespace: str
+    lock_delay: timedelta

@@ -32,16 +32,20 @@ from nac_client import (
     ConflictDetail,
     ConflictKind,
     DeadlineExceeded,
+    Deadlock,
     Event,
     EventType,
     HistoryCompacted,
     HoldLost,
     InvalidArgument,
     Job,
+    JobState,
     NacError,
+    NamespaceConfig,
     NodeAccess,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
     WatcherTooSlow,
 )
@@ -118,6 +122,9 @@ class ScriptedServicer(nac_pb2_grpc.NodeAccessControlServicer):
 
     def __init__(self) -> None:
         self.requests: dict[str, list[Any]] = defaultdict(list)
+        # Per unary call, the metadata it carried and the seconds its deadline left it.
+        self.metadata: dict[str, list[dict[str, str]]] = defaultdict(list)
+        self.time_left: dict[str, list[float | None]] = defaultdict(list)
         # Unary replies, taken in order; the last one repeats.
         self.replies: dict[str, list[Reply]] = {
             "Acquire": [granted("job-1")],
@@ -125,6 +132,10 @@ class ScriptedServicer(nac_pb2_grpc.NodeAccessControlServicer):
             "GetJob": [Abort(grpc.StatusCode.NOT_FOUND)],
             "ListJobs": [nac_pb2.ListJobsResponse(revision=1)],
             "GetNode": [nac_pb2.NodeState()],
+            "Update": [nac_pb2.UpdateResponse(updated=True, job=job_message("job-1"), revision=3)],
+            "ForceRelease": [nac_pb2.ForceReleaseResponse(released=False, revision=1)],
+            "ConfigureNamespace": [nac_pb2.NamespaceConfig()],
+            "GetNamespaceConfig": [nac_pb2.NamespaceConfig()],
         }
         self.watch_scripts: list[WatchScript] = []
         self.keep_alive: KeepAliveScript = alive
@@ -142,6 +153,10 @@ class ScriptedServicer(nac_pb2_grpc.NodeAccessControlServicer):
         reply_type: type[MessageT],
     ) -> MessageT:
         self.requests[method].append(request)
+        self.metadata[method].append(
+            {key: str(value) for key, value in context.invocation_metadata() or ()}
+        )
+        self.time_left[method].append(context.time_remaining())
         script = self.replies[method]
         reply = script.pop(0) if len(script) > 1 else script[0]
         if isinstance(reply, Stall):
@@ -176,6 +191,30 @@ class ScriptedServicer(nac_pb2_grpc.NodeAccessControlServicer):
         self, request: nac_pb2.GetNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nac_pb2.NodeState:
         return await self._reply("GetNode", request, context, nac_pb2.NodeState)
+
+    async def Update(  # noqa: N802
+        self, request: nac_pb2.UpdateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> nac_pb2.UpdateResponse:
+        return await self._reply("Update", request, context, nac_pb2.UpdateResponse)
+
+    async def ForceRelease(  # noqa: N802
+        self, request: nac_pb2.ForceReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> nac_pb2.ForceReleaseResponse:
+        return await self._reply("ForceRelease", request, context, nac_pb2.ForceReleaseResponse)
+
+    async def ConfigureNamespace(  # noqa: N802
+        self,
+        request: nac_pb2.ConfigureNamespaceRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> nac_pb2.NamespaceConfig:
+        return await self._reply("ConfigureNamespace", request, context, nac_pb2.NamespaceConfig)
+
+    async def GetNamespaceConfig(  # noqa: N802
+        self,
+        request: nac_pb2.GetNamespaceConfigRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> nac_pb2.NamespaceConfig:
+        return await self._reply("GetNamespaceConfig", request, context, nac_pb2.NamespaceConfig)
 
     async def Watch(  # noqa: N802
         self, request: nac_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -339,6 +378,56 @@ def test_conflict_detail_explains_itself_in_words(kind: ConflictKind, expected: 
         holder_job_id="7f3",
         holder_owner="host-b",
         holder_operation="block-commit",
+    )
+    assert str(detail) == expected
+    assert detail.direction is kind
+
+
+@pytest.mark.parametrize(
+    ("kind", "direction", "until", "expected"),
+    [
+        (
+            ConflictKind.LOCK_DELAY,
+            None,
+            datetime(2026, 1, 2, 12, 0, 3, 500_000, tzinfo=UTC),
+            "refused on /vol/a.qcow2: lost job 7f3 (block-commit by host-b) is in lock-delay "
+            "until 12:00:03Z (MODIFY_VISIBLE_DATA)",
+        ),
+        (
+            ConflictKind.WAITING_AHEAD,
+            ConflictKind.HOLDER_DOES_NOT_ALLOW,
+            None,
+            "refused on /vol/a.qcow2: job 7f3 (block-commit by host-b) queued earlier and does "
+            "not allow MODIFY_VISIBLE_DATA",
+        ),
+        (
+            ConflictKind.WAITING_AHEAD,
+            ConflictKind.HOLDER_REQUIRES,
+            None,
+            "refused on /vol/a.qcow2: job 7f3 (block-commit by host-b) queued earlier and "
+            "requires MODIFY_VISIBLE_DATA, which this job does not allow",
+        ),
+        (
+            ConflictKind.WAITING_AHEAD,
+            None,
+            None,
+            "refused on /vol/a.qcow2: job 7f3 (block-commit by host-b) queued earlier and "
+            "conflicts on MODIFY_VISIBLE_DATA",
+        ),
+    ],
+)
+def test_lock_delay_and_waiting_ahead_explain_themselves_in_words(
+    kind: ConflictKind, direction: ConflictKind | None, until: datetime | None, expected: str
+) -> None:
+    detail = ConflictDetail(
+        node="/vol/a.qcow2",
+        action=Action.MODIFY_VISIBLE_DATA,
+        kind=kind,
+        holder_job_id="7f3",
+        holder_owner="host-b",
+        holder_operation="block-commit",
+        until=until,
+        direction=direction,
     )
     assert str(detail) == expected
 
@@ -587,6 +676,12 @@ async def test_keep_alive_renews_once_and_reports_the_lease(
             WatcherTooSlow,
             {"resume_revision": 8},
         ),
+        (
+            Abort(grpc.StatusCode.ABORTED, "DEADLOCK", {"cycle": "host-a -> host-b -> host-a"}),
+            Deadlock,
+            {"cycle": "host-a -> host-b -> host-a"},
+        ),
+        (Abort(grpc.StatusCode.UNAUTHENTICATED, "NO_ADMIN_TOKEN"), Unauthenticated, {}),
     ],
 )
 async def test_errors_are_rebuilt_from_the_status_details(
@@ -659,6 +754,8 @@ async def test_retries_stop_after_retry_attempts(harness: Harness) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNAUTHENTICATED,
     ],
 )
 async def test_other_codes_are_never_retried(
@@ -877,6 +974,404 @@ async def test_watch_gives_up_after_retry_attempts_empty_streams(harness: Harnes
     assert harness.servicer.calls("Watch") == 3
 
 
+# --- Waiting, updates, operator calls, new event fields -------------------------------------
+
+
+def conflict_message(
+    kind: nac_pb2.Conflict.Kind.ValueType,
+    action: nac_pb2.Action.ValueType = nac_pb2.MODIFY_VISIBLE_DATA,
+    *,
+    node: str = "/vol/a.qcow2",
+    until: timestamp_pb2.Timestamp | None = None,
+) -> nac_pb2.Conflict:
+    return nac_pb2.Conflict(
+        node=node,
+        action=action,
+        kind=kind,
+        holder_job_id="7f3",
+        holder_owner="host-b",
+        holder_operation="block-commit",
+        until=until,
+    )
+
+
+def waiting_job_message(job_id: str) -> nac_pb2.Job:
+    job = job_message(job_id, token=0)
+    job.state = nac_pb2.Job.WAITING
+    job.queue_positions["/vol/a.qcow2"] = 2
+    job.wait_deadline.FromDatetime(datetime(2026, 1, 2, 12, 0, 30, tzinfo=UTC))
+    return job
+
+
+async def test_waiting_acquire_sends_the_wait_and_gets_wait_plus_timeout_per_call(
+    harness: Harness,
+) -> None:
+    # Granted after 0.6 s: longer than the 0.3 s timeout, well within wait + timeout.
+    harness.servicer.replies["Acquire"] = [Stall(0.6, granted("j1"))]
+    async with AsyncClient(harness.target, timeout=0.3) as client:
+        job = await client.acquire(NODES, operation="mirror", job_id="j1", wait=1.0)
+
+    assert job.job_id == "j1"
+    assert harness.servicer.calls("Acquire") == 1
+    sent = harness.servicer.requests["Acquire"][0]
+    assert timedelta(seconds=0.9) < sent.wait.ToTimedelta() <= timedelta(seconds=1)
+    [time_left] = harness.servicer.time_left["Acquire"]
+    assert time_left is not None
+    assert 1.0 < time_left < 1.5  # wait + timeout, the deadline rounded up a little
+
+
+async def test_acquire_without_a_wait_sends_none_and_keeps_the_plain_timeout(
+    client: AsyncClient, harness: Harness
+) -> None:
+    await client.acquire(NODES, operation="mirror", wait=0)
+    sent = harness.servicer.requests["Acquire"][0]
+    assert not sent.HasField("wait")
+    [time_left] = harness.servicer.time_left["Acquire"]
+    assert time_left is not None
+    assert time_left < 2.5  # the client's 2 s timeout; the deadline travels rounded up a little
+
+
+async def test_waiting_acquire_is_retried_when_unavailable_with_what_is_left_of_the_wait(
+    harness: Harness,
+) -> None:
+    harness.servicer.replies["Acquire"] = [
+        Stall(0.3, Abort(grpc.StatusCode.UNAVAILABLE)),
+        granted("j1"),
+    ]
+    async with AsyncClient(harness.target, timeout=1.0) as client:
+        await client.acquire(NODES, operation="mirror", job_id="j1", wait=2.0)
+
+    first, second = harness.servicer.requests["Acquire"]
+    assert (first.job_id, second.job_id) == ("j1", "j1")
+    assert second.wait.ToTimedelta() <= first.wait.ToTimedelta() - timedelta(seconds=0.3)
+
+
+async def test_waiting_acquire_is_not_retried_once_its_time_is_up(harness: Harness) -> None:
+    harness.servicer.replies["Acquire"] = [Stall(2.0, granted("late")), granted("again")]
+    async with AsyncClient(harness.target, timeout=0.2) as client:
+        with pytest.raises(DeadlineExceeded):
+            await client.acquire(NODES, operation="mirror", wait=0.2)
+    assert harness.servicer.calls("Acquire") == 1
+
+
+async def test_a_wait_that_would_deadlock_raises_deadlock_naming_the_cycle(
+    client: AsyncClient, harness: Harness
+) -> None:
+    harness.servicer.replies["Acquire"] = [
+        Abort(grpc.StatusCode.ABORTED, "DEADLOCK", {"cycle": "j1 (host-a) -> 7f3 (host-b)"}),
+        granted("never"),
+    ]
+    with pytest.raises(Deadlock) as caught:
+        await client.acquire(NODES, operation="mirror", wait=5)
+    assert caught.value.cycle == "j1 (host-a) -> 7f3 (host-b)"
+    assert caught.value.code is grpc.StatusCode.ABORTED
+    assert harness.servicer.calls("Acquire") == 1
+
+
+async def test_refusal_carries_lock_delay_and_waiting_ahead_with_their_direction(
+    client: AsyncClient, harness: Harness
+) -> None:
+    until = timestamp_pb2.Timestamp()
+    until.FromDatetime(datetime(2026, 1, 2, 12, 0, 3, tzinfo=UTC))
+    harness.servicer.replies["Acquire"] = [
+        nac_pb2.AcquireResponse(
+            granted=False,
+            revision=9,
+            conflicts=[
+                conflict_message(nac_pb2.Conflict.LOCK_DELAY, until=until),
+                # On b, NODES require READ_VISIBLE_DATA and allow it: the waiter must forbid it.
+                conflict_message(
+                    nac_pb2.Conflict.WAITING_AHEAD, nac_pb2.READ_VISIBLE_DATA, node="/vol/b.qcow2"
+                ),
+                # On a, NODES neither require nor allow RESIZE: the waiter must require it.
+                conflict_message(nac_pb2.Conflict.WAITING_AHEAD, nac_pb2.RESIZE),
+                # On a, NODES require MODIFY_VISIBLE_DATA and forbid it: either way may hold.
+                conflict_message(nac_pb2.Conflict.WAITING_AHEAD),
+            ],
+        )
+    ]
+    with pytest.raises(Conflict) as caught:
+        await client.acquire(NODES, operation="mirror", wait=1)
+
+    delay, read, resize, write = caught.value.conflicts
+    assert (delay.kind, delay.until) == (
+        ConflictKind.LOCK_DELAY,
+        datetime(2026, 1, 2, 12, 0, 3, tzinfo=UTC),
+    )
+    assert str(delay).endswith("is in lock-delay until 12:00:03Z (MODIFY_VISIBLE_DATA)")
+    assert (read.kind, read.direction) == (
+        ConflictKind.WAITING_AHEAD,
+        ConflictKind.HOLDER_DOES_NOT_ALLOW,
+    )
+    assert "queued earlier and does not allow READ_VISIBLE_DATA" in str(read)
+    assert resize.direction is ConflictKind.HOLDER_REQUIRES
+    assert "queued earlier and requires RESIZE, which this job does not allow" in str(resize)
+    assert write.direction is None
+    assert "queued earlier and conflicts on MODIFY_VISIBLE_DATA" in str(write)
+    assert read.until is None
+
+
+async def test_update_converts_a_held_job_and_refusal_raises_conflict(
+    client: AsyncClient, harness: Harness
+) -> None:
+    loosened = job_message("j1")
+    loosened.nodes[0].allow.append(nac_pb2.READ_VISIBLE_DATA)
+    harness.servicer.replies["Update"] = [
+        nac_pb2.UpdateResponse(updated=True, job=loosened, revision=5),
+        nac_pb2.UpdateResponse(
+            updated=False,
+            job=job_message("j1"),
+            revision=5,
+            conflicts=[conflict_message(nac_pb2.Conflict.HOLDER_REQUIRES, nac_pb2.RESIZE)],
+        ),
+    ]
+    job = await client.update("j1", NODES[:1])
+    with pytest.raises(Conflict) as caught:
+        await client.update("j1", NODES)
+
+    assert job.nodes[0].allow == {Action.READ_METADATA, Action.READ_VISIBLE_DATA}
+    assert caught.value.job_id == "j1"
+    assert [(c.action, c.kind) for c in caught.value.conflicts] == [
+        (Action.RESIZE, ConflictKind.HOLDER_REQUIRES)
+    ]
+    sent = harness.servicer.requests["Update"]
+    assert [(r.namespace, r.job_id, r.owner, r.dry_run) for r in sent] == [
+        ("ns", "j1", "host-a", False),
+        ("ns", "j1", "host-a", False),
+    ]
+    assert [n.node for n in sent[1].nodes] == ["/vol/a.qcow2", "/vol/b.qcow2"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected_type"),
+    [
+        (Abort(grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND", {"job_id": "j1"}), NotFound),
+        (
+            Abort(grpc.StatusCode.PERMISSION_DENIED, "NOT_OWNER", {"job_id": "j1", "owner": "b"}),
+            PermissionDenied,
+        ),
+    ],
+)
+async def test_update_of_an_unknown_or_foreign_job_raises_typed_errors(
+    client: AsyncClient, harness: Harness, failure: Abort, expected_type: type[NacError]
+) -> None:
+    harness.servicer.replies["Update"] = [failure]
+    with pytest.raises(expected_type):
+        await client.update("j1", NODES)
+
+
+async def test_check_update_is_a_dry_run_returning_the_conflicts(
+    client: AsyncClient, harness: Harness
+) -> None:
+    harness.servicer.replies["Update"] = [
+        nac_pb2.UpdateResponse(
+            updated=False,
+            revision=5,
+            conflicts=[conflict_message(nac_pb2.Conflict.LOCK_DELAY)],
+        )
+    ]
+    conflicts = await client.check_update("j1", NODES)
+    assert [c.kind for c in conflicts] == [ConflictKind.LOCK_DELAY]
+    assert [r.dry_run for r in harness.servicer.requests["Update"]] == [True]
+
+
+async def test_hold_update_converts_the_held_job_and_refreshes_hold_job(
+    client: AsyncClient, harness: Harness
+) -> None:
+    harness.servicer.replies["Acquire"] = [granted("j1")]
+    updated = job_message("j1")
+    updated.nodes[0].require[:] = [nac_pb2.READ_VISIBLE_DATA]
+    harness.servicer.replies["Update"] = [
+        nac_pb2.UpdateResponse(updated=True, job=updated, revision=4)
+    ]
+    async with client.hold(NODES, operation="mirror", job_id="j1", ttl=0.3) as hold:
+        job = await hold.update([NodeAccess("/vol/a.qcow2", [Action.READ_VISIBLE_DATA])])
+        assert hold.job.nodes[0].require == {Action.READ_VISIBLE_DATA}
+        assert hold.job.fencing_token == 7
+    assert job.job_id == "j1"
+    assert [r.job_id for r in harness.servicer.requests["Update"]] == ["j1"]
+
+
+async def test_a_late_grant_is_renewed_before_the_hold_is_handed_over(harness: Harness) -> None:
+    # The grant takes longer than the whole 0.3 s lease: counting from the request alone, the
+    # hold would be lost at once.
+    harness.servicer.replies["Acquire"] = [Stall(0.4, granted("j1"))]
+    async with (
+        AsyncClient(harness.target, timeout=1.0) as client,
+        client.hold(NODES, operation="mirror", ttl=0.3, wait=1) as hold,
+    ):
+        assert harness.servicer.calls("KeepAlive") >= 1
+        await asyncio.sleep(0.2)
+        hold.ensure_held()
+    assert not hold.lost
+
+
+async def test_a_late_grant_that_has_already_ended_raises_hold_lost(harness: Harness) -> None:
+    harness.servicer.replies["Acquire"] = [Stall(0.4, granted("j1"))]
+    harness.servicer.keep_alive = lambda count, request: nac_pb2.KeepAliveResponse(
+        job_id=request.job_id
+    )
+    async with AsyncClient(harness.target, timeout=1.0) as client:
+        with pytest.raises(HoldLost):
+            async with client.hold(NODES, operation="mirror", ttl=0.3, wait=1):
+                pytest.fail("a lost hold must not run its body")
+
+
+async def test_force_release_sends_the_bearer_token_and_returns_the_ended_job(
+    harness: Harness,
+) -> None:
+    harness.servicer.replies["ForceRelease"] = [
+        nac_pb2.ForceReleaseResponse(released=True, revision=8, job=job_message("7f3")),
+        nac_pb2.ForceReleaseResponse(released=False, revision=8),
+    ]
+    async with AsyncClient(harness.target, namespace="ns", admin_token="s3cret") as client:
+        ended = await client.force_release("7f3", reason="host-b is fenced", actor="alice")
+        unknown = await client.force_release("nope", reason="cleanup")
+        await client.get_namespace_config()
+
+    assert ended is not None
+    assert ended.job_id == "7f3"
+    assert unknown is None
+    first, second = harness.servicer.requests["ForceRelease"]
+    assert (first.namespace, first.job_id, first.reason, first.actor) == (
+        "ns",
+        "7f3",
+        "host-b is fenced",
+        "alice",
+    )
+    assert second.actor == ""
+    assert [m.get("authorization") for m in harness.servicer.metadata["ForceRelease"]] == [
+        "Bearer s3cret",
+        "Bearer s3cret",
+    ]
+    # Only operator calls carry the token.
+    assert "authorization" not in harness.servicer.metadata["GetNamespaceConfig"][0]
+
+
+async def test_operator_calls_without_a_token_send_none_and_raise_unauthenticated(
+    client: AsyncClient, harness: Harness
+) -> None:
+    harness.servicer.replies["ForceRelease"] = [Abort(grpc.StatusCode.UNAUTHENTICATED)]
+    with pytest.raises(Unauthenticated):
+        await client.force_release("7f3", reason="cleanup")
+    assert "authorization" not in harness.servicer.metadata["ForceRelease"][0]
+
+
+async def test_namespace_config_is_set_with_the_token_and_read_without(
+    harness: Harness,
+) -> None:
+    config = nac_pb2.NamespaceConfig(namespace="ns", lock_delay=duration_pb2.Duration(seconds=15))
+    harness.servicer.replies["ConfigureNamespace"] = [config]
+    harness.servicer.replies["GetNamespaceConfig"] = [config]
+    async with AsyncClient(harness.target, namespace="ns", admin_token="s3cret") as client:
+        assert await client.configure_namespace(lock_delay=15) == NamespaceConfig(
+            "ns", timedelta(seconds=15)
+        )
+        assert await client.configure_namespace(lock_delay=timedelta(0)) == NamespaceConfig(
+            "ns", timedelta(seconds=15)
+        )
+        assert (await client.get_namespace_config()).lock_delay == timedelta(seconds=15)
+        with pytest.raises(ValueError, match="lock_delay"):
+            await client.configure_namespace(lock_delay=-1)
+
+    first, second = harness.servicer.requests["ConfigureNamespace"]
+    assert first.lock_delay.ToTimedelta() == timedelta(seconds=15)
+    assert second.lock_delay.ToTimedelta() == timedelta(0)
+    assert harness.servicer.metadata["ConfigureNamespace"][0]["authorization"] == "Bearer s3cret"
+
+
+async def test_list_jobs_returns_waiters_when_asked_and_jobs_carry_their_state(
+    client: AsyncClient, harness: Harness
+) -> None:
+    harness.servicer.replies["ListJobs"] = [
+        nac_pb2.ListJobsResponse(
+            jobs=[job_message("held")], waiters=[waiting_job_message("queued")], revision=4
+        )
+    ]
+    held_only = await client.list_jobs()
+    both = await client.list_jobs(node="/vol/a.qcow2", include_waiters=True)
+
+    assert [(j.job_id, j.state) for j in held_only] == [("held", JobState.HELD)]
+    assert [(j.job_id, j.state) for j in both] == [
+        ("held", JobState.HELD),
+        ("queued", JobState.WAITING),
+    ]
+    waiter = both[1]
+    assert waiter.queue_positions == {"/vol/a.qcow2": 2}
+    assert waiter.wait_deadline == datetime(2026, 1, 2, 12, 0, 30, tzinfo=UTC)
+    assert both[0].queue_positions == {}
+    assert both[0].wait_deadline is None
+
+
+async def test_get_node_converts_waiters_and_lock_delay(
+    client: AsyncClient, harness: Harness
+) -> None:
+    until = timestamp_pb2.Timestamp(seconds=1_800_000_000)
+    harness.servicer.replies["GetNode"] = [
+        nac_pb2.NodeState(
+            namespace="ns",
+            node="/vol/a.qcow2",
+            waiters=[waiting_job_message("w1"), waiting_job_message("w2")],
+            lock_delay=nac_pb2.LockDelay(job=job_message("lost"), until=until),
+            revision=6,
+        )
+    ]
+    state = await client.get_node("/vol/a.qcow2")
+    assert [w.job_id for w in state.waiters] == ["w1", "w2"]
+    assert state.lock_delay is not None
+    assert state.lock_delay.job.job_id == "lost"
+    assert state.lock_delay.until == datetime.fromtimestamp(1_800_000_000, UTC)
+
+    harness.servicer.replies["GetNode"] = [nac_pb2.NodeState(node="/vol/a.qcow2")]
+    assert (await client.get_node("/vol/a.qcow2")).lock_delay is None
+
+
+async def test_watch_filters_by_job_and_converts_the_new_event_fields(
+    client: AsyncClient, harness: Harness
+) -> None:
+    waiter = waiting_job_message("w1")
+    contended = watch_event(3, nac_pb2.WatchEvent.CONTENDED)
+    contended.contention.CopyFrom(
+        nac_pb2.Contention(
+            waiter=waiter,
+            conflicts=[conflict_message(nac_pb2.Conflict.HOLDER_DOES_NOT_ALLOW)],
+        )
+    )
+    forced = watch_event(4, nac_pb2.WatchEvent.FORCE_RELEASED)
+    forced.reason, forced.actor = "host-b is fenced", "alice"
+    harness.servicer.watch_scripts = [
+        WatchScript(
+            [
+                contended,
+                forced,
+                watch_event(5, nac_pb2.WatchEvent.WAITING),
+                watch_event(6, nac_pb2.WatchEvent.WAIT_ENDED),
+                watch_event(7, nac_pb2.WatchEvent.LOCK_DELAY_ENDED),
+            ]
+        )
+    ]
+    events = await take(client.watch(job_ids=["w1", "job-4"], start_revision=3), 5)
+
+    assert [e.type for e in events] == [
+        EventType.CONTENDED,
+        EventType.FORCE_RELEASED,
+        EventType.WAITING,
+        EventType.WAIT_ENDED,
+        EventType.LOCK_DELAY_ENDED,
+    ]
+    contention = events[0].contention
+    assert contention is not None
+    assert (contention.waiter.job_id, contention.waiter.state) == ("w1", JobState.WAITING)
+    assert [str(c) for c in contention.conflicts] == [
+        "refused on /vol/a.qcow2: job 7f3 (block-commit by host-b) does not allow "
+        "MODIFY_VISIBLE_DATA"
+    ]
+    assert (events[1].reason, events[1].actor) == ("host-b is fenced", "alice")
+    assert events[1].contention is None
+    assert (events[2].reason, events[2].actor) == ("", "")
+    assert list(harness.servicer.requests["Watch"][0].job_ids) == ["w1", "job-4"]
+
+
 # --- The blocking client ---------------------------------------------------------------------
 
 
@@ -949,3 +1444,23 @@ def test_sync_watch_resumes_after_a_dropped_stream(threaded_harness: Harness) ->
 
     assert revisions == [1, 2, 3]
     assert [r.start_revision for r in servicer.requests["Watch"]] == [1, 3]
+
+
+def test_sync_client_waits_updates_and_force_releases_with_the_token(
+    threaded_harness: Harness,
+) -> None:
+    servicer = threaded_harness.servicer
+    servicer.replies["Acquire"] = [Stall(0.5, granted("j1"))]
+    servicer.replies["ForceRelease"] = [
+        nac_pb2.ForceReleaseResponse(released=True, revision=8, job=job_message("j1"))
+    ]
+    with Client(threaded_harness.target, timeout=0.3, admin_token="s3cret") as client:
+        job = client.acquire(NODES, operation="mirror", job_id="j1", wait=1.0)
+        updated = client.update(job.job_id, NODES[:1])
+        ended = client.force_release(job.job_id, reason="test")
+
+    assert servicer.calls("Acquire") == 1
+    assert updated.fencing_token == job.fencing_token
+    assert [r.job_id for r in servicer.requests["Update"]] == ["j1"]
+    assert ended is not None
+    assert servicer.metadata["ForceRelease"][0]["authorization"] == "Bearer s3cret"

@@ -25,12 +25,16 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from nac_client._async import _backend
 from nac_client._convert import (
     acquire_request,
-    conflict_from_proto,
+    conflicts_from_proto,
+    duration_to_proto,
     event_from_proto,
     job_from_proto,
     keep_alive_result_from_proto,
+    namespace_config_from_proto,
     node_state_from_proto,
+    to_non_negative_timedelta,
     to_timedelta,
+    update_request,
 )
 from nac_client._errors import (
     Conflict,
@@ -48,13 +52,25 @@ from nac_client._retry import (
     WATCH_RESUMABLE_CODES,
     backoff_delay,
     is_transient,
+    is_unavailable,
 )
-from nac_client._types import ConflictDetail, Event, Job, KeepAliveResult, NodeAccess, NodeState
+from nac_client._types import (
+    ConflictDetail,
+    Event,
+    Job,
+    KeepAliveResult,
+    NamespaceConfig,
+    NodeAccess,
+    NodeState,
+)
 from nac_client._watch_cursor import WatchCursor
 from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
 
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
+
+# gRPC call metadata: (key, value) pairs.
+Metadata = tuple[tuple[str, str], ...]
 
 log = logging.getLogger("nac_client")
 
@@ -83,6 +99,8 @@ class AsyncClient:
         retry_attempts: How many attempts a call gets when the server is unavailable or slow.
         channel: A channel to use instead of opening an insecure one to target; the caller
             keeps ownership of it.
+        admin_token: The server's admin token, sent as "authorization: Bearer <token>" with the
+            operator calls (force_release, configure_namespace) and with no other call.
     """
 
     def __init__(
@@ -94,6 +112,7 @@ class AsyncClient:
         timeout: float = 10.0,
         retry_attempts: int = 5,
         channel: grpc.aio.Channel | None = None,
+        admin_token: str | None = None,
     ) -> None:
         if retry_attempts < 1:
             raise ValueError(f"retry_attempts must be at least 1, got {retry_attempts}")
@@ -101,6 +120,7 @@ class AsyncClient:
         self.owner = owner if owner is not None else default_owner()
         self.timeout = timeout
         self.retry_attempts = retry_attempts
+        self._admin_token = admin_token
         self._owns_channel = channel is None
         self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
         self._stub = nac_pb2_grpc.NodeAccessControlStub(self._channel)
@@ -121,22 +141,51 @@ class AsyncClient:
         if self._owns_channel:
             await self._channel.close()
 
-    def _retrying(self) -> AsyncRetrying:
+    def _retrying(self, retryable: Callable[[BaseException], bool] = is_transient) -> AsyncRetrying:
         return AsyncRetrying(
             stop=stop_after_attempt(self.retry_attempts),
             wait=wait_random_exponential(multiplier=INITIAL_BACKOFF, max=MAX_BACKOFF),
-            retry=retry_if_exception(is_transient),
+            retry=retry_if_exception(retryable),
             reraise=True,
         )
 
+    def _operator_metadata(self) -> Metadata:
+        """The bearer token of the operator role; without one the server says UNAUTHENTICATED."""
+        if self._admin_token is None:
+            return ()
+        return (("authorization", f"Bearer {self._admin_token}"),)
+
     async def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT], request: RequestT
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        *,
+        metadata: Metadata = (),
     ) -> ResponseT:
         """One unary call, retried while the server is unavailable or slow."""
         try:
             async for attempt in self._retrying():
                 with attempt:
-                    return await method(request, timeout=self.timeout)
+                    return await method(request, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+    async def _acquire_waiting(
+        self, request: nac_pb2.AcquireRequest, wait: timedelta
+    ) -> nac_pb2.AcquireResponse:
+        """An acquire that may queue: each attempt waits what is left of the wait, plus timeout.
+
+        Retried only while the server is unavailable. Another attempt with the same job id
+        takes back the job's place in the queue, so it never queues twice.
+        """
+        wait_ends = _backend.monotonic() + wait.total_seconds()
+        try:
+            async for attempt in self._retrying(is_unavailable):
+                with attempt:
+                    left = max(0.0, wait_ends - _backend.monotonic())
+                    request.wait.CopyFrom(duration_to_proto(timedelta(seconds=left)))
+                    return await self._stub.Acquire(request, timeout=left + self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
@@ -148,8 +197,9 @@ class AsyncClient:
         operation: str,
         job_id: str | None = None,
         ttl: timedelta | float | None = None,
+        wait: timedelta | float | None = None,
     ) -> Job:
-        """Asks for all of a job's nodes at once.
+        """Asks for all of a job's nodes at once, waiting in their queues if asked to.
 
         Args:
             nodes: What the job needs on each node.
@@ -157,16 +207,24 @@ class AsyncClient:
             job_id: The job's id; a fresh uuid4 when omitted. The id is fixed before the first
                 attempt, so a retried call returns the grant of an attempt that got through.
             ttl: Lease length (seconds or timedelta); the server's default when omitted.
+            wait: How long to queue when refused (seconds or timedelta); None or zero answers
+                at once. Queues are first come, first served per node. The call may take the
+                wait plus the client's timeout; cancelling it leaves the queue at once.
 
         Returns:
             The granted job, with its fencing token.
 
         Raises:
-            Conflict: Current jobs conflict with the request; nothing changed.
+            Conflict: Other jobs conflict with the request (when waiting: still conflict when
+                the wait ends), including jobs in lock-delay and, for fairness, jobs that
+                queued earlier; nothing changed.
+            Deadlock: Waiting would close a cycle of owners waiting on each other's jobs.
             InvalidArgument: The request is malformed.
             AlreadyExists: job_id is held with other content.
             Unavailable: The server could not be reached within the retry attempts.
         """
+        nodes = tuple(nodes)
+        waiting = to_non_negative_timedelta(wait, "wait") if wait is not None else None
         request = acquire_request(
             namespace=self.namespace,
             owner=self.owner,
@@ -176,11 +234,14 @@ class AsyncClient:
             ttl=to_timedelta(ttl),
             dry_run=False,
         )
-        response = await self._unary(self._stub.Acquire, request)
+        if waiting:
+            response = await self._acquire_waiting(request, waiting)
+        else:
+            response = await self._unary(self._stub.Acquire, request)
         if not response.granted:
             raise Conflict(
                 request.job_id,
-                tuple(conflict_from_proto(c) for c in response.conflicts),
+                conflicts_from_proto(response.conflicts, nodes),
                 response.revision,
             )
         if not response.HasField("job"):
@@ -199,6 +260,7 @@ class AsyncClient:
         Returns:
             Every conflict; an empty tuple means the job would be granted now.
         """
+        nodes = tuple(nodes)
         request = acquire_request(
             namespace=self.namespace,
             owner=self.owner,
@@ -209,7 +271,58 @@ class AsyncClient:
             dry_run=True,
         )
         response = await self._unary(self._stub.Acquire, request)
-        return tuple(conflict_from_proto(c) for c in response.conflicts)
+        return conflicts_from_proto(response.conflicts, nodes)
+
+    async def update(self, job_id: str, nodes: Iterable[NodeAccess]) -> Job:
+        """Converts a held job of this owner: replaces its nodes and masks, all or none.
+
+        The job keeps its fencing token and lease. It is checked against the other holders and
+        any lock-delay, not against waiters, so loosening (fewer requires, more allows, fewer
+        nodes) always succeeds. Repeating an applied update is granted again.
+
+        Args:
+            job_id: The held job.
+            nodes: The job's whole new node list.
+
+        Returns:
+            The job as updated.
+
+        Raises:
+            Conflict: Other jobs conflict with the new masks; the job is unchanged.
+            NotFound: No current job has this id.
+            PermissionDenied: The job belongs to another owner.
+        """
+        nodes = tuple(nodes)
+        request = update_request(
+            namespace=self.namespace, owner=self.owner, job_id=job_id, nodes=nodes, dry_run=False
+        )
+        response = await self._unary(self._stub.Update, request)
+        if not response.updated:
+            raise Conflict(
+                job_id, conflicts_from_proto(response.conflicts, nodes), response.revision
+            )
+        if not response.HasField("job"):
+            raise NacError(f"server updated job {job_id} without describing it")
+        return job_from_proto(response.job)
+
+    async def check_update(
+        self, job_id: str, nodes: Iterable[NodeAccess]
+    ) -> tuple[ConflictDetail, ...]:
+        """Asks whether update(job_id, nodes) would be granted, changing nothing.
+
+        Returns:
+            Every conflict; an empty tuple means the update would be granted now.
+
+        Raises:
+            NotFound: No current job has this id.
+            PermissionDenied: The job belongs to another owner.
+        """
+        nodes = tuple(nodes)
+        request = update_request(
+            namespace=self.namespace, owner=self.owner, job_id=job_id, nodes=nodes, dry_run=True
+        )
+        response = await self._unary(self._stub.Update, request)
+        return conflicts_from_proto(response.conflicts, nodes)
 
     async def release(self, job_id: str) -> bool:
         """Ends a hold of this owner.
@@ -226,6 +339,69 @@ class AsyncClient:
         response = await self._unary(self._stub.Release, request)
         return response.released
 
+    async def force_release(
+        self, job_id: str, *, reason: str, actor: str | None = None
+    ) -> Job | None:
+        """Ends any owner's job, as an operator. Needs the client's admin_token.
+
+        The job's nodes stay blocked for the namespace's lock-delay, since its holder may still
+        be alive and writing, and its fencing token is stale from then on.
+
+        Args:
+            job_id: The job to end.
+            reason: Why, for the audit trail; required.
+            actor: Who is asking (an operator's name); the server records the peer address too.
+
+        Returns:
+            The job that was ended, or None if no current job had this id. A retry after a
+            lost answer can report None for a job that the first attempt ended.
+
+        Raises:
+            Unauthenticated: The client has no admin_token.
+            PermissionDenied: The token is wrong, or the server has none.
+        """
+        request = nac_pb2.ForceReleaseRequest(
+            namespace=self.namespace, job_id=job_id, reason=reason, actor=actor or ""
+        )
+        response = await self._unary(
+            self._stub.ForceRelease, request, metadata=self._operator_metadata()
+        )
+        if not response.released:
+            return None
+        if not response.HasField("job"):
+            raise NacError(f"server force-released job {job_id} without describing it")
+        return job_from_proto(response.job)
+
+    async def configure_namespace(self, *, lock_delay: timedelta | float) -> NamespaceConfig:
+        """Sets the namespace's settings, as an operator; every replica applies them at once.
+
+        Args:
+            lock_delay: How long a lost or force-released holder keeps blocking its nodes
+                (seconds or timedelta); zero turns the delay off.
+
+        Returns:
+            The namespace's settings after the change.
+
+        Raises:
+            Unauthenticated: The client has no admin_token.
+            PermissionDenied: The token is wrong, or the server has none.
+        """
+        request = nac_pb2.ConfigureNamespaceRequest(
+            namespace=self.namespace,
+            lock_delay=duration_to_proto(to_non_negative_timedelta(lock_delay, "lock_delay")),
+        )
+        response = await self._unary(
+            self._stub.ConfigureNamespace, request, metadata=self._operator_metadata()
+        )
+        return namespace_config_from_proto(response)
+
+    async def get_namespace_config(self) -> NamespaceConfig:
+        """Returns the namespace's settings, defaults included."""
+        request = nac_pb2.GetNamespaceConfigRequest(namespace=self.namespace)
+        return namespace_config_from_proto(
+            await self._unary(self._stub.GetNamespaceConfig, request)
+        )
+
     async def get_job(self, job_id: str) -> Job:
         """Returns one current job.
 
@@ -235,21 +411,29 @@ class AsyncClient:
         request = nac_pb2.GetJobRequest(namespace=self.namespace, job_id=job_id)
         return job_from_proto(await self._unary(self._stub.GetJob, request))
 
-    async def list_jobs(self, *, node: str | None = None, owner: str | None = None) -> list[Job]:
-        """Returns the namespace's current jobs.
+    async def list_jobs(
+        self, *, node: str | None = None, owner: str | None = None, include_waiters: bool = False
+    ) -> list[Job]:
+        """Returns the namespace's held jobs, and if asked its waiting ones, from one reading.
 
         Args:
-            node: Only jobs holding this node, when given.
+            node: Only jobs holding (or waiting for) this node, when given.
             owner: Only jobs of this owner, when given.
+            include_waiters: Also return the jobs waiting in a queue (state WAITING, with their
+                queue positions), oldest first, after the held ones.
         """
         request = nac_pb2.ListJobsRequest(
             namespace=self.namespace, node=node or "", owner=owner or ""
         )
         response = await self._unary(self._stub.ListJobs, request)
-        return [job_from_proto(j) for j in response.jobs]
+        waiters = response.waiters if include_waiters else ()
+        return [job_from_proto(j) for j in (*response.jobs, *waiters)]
 
     async def get_node(self, node: str) -> NodeState:
-        """Returns one node's aggregate flags and holders; an unheld node has none."""
+        """Returns one node's aggregate flags, holders, waiters in queue order and lock-delay.
+
+        A node nobody holds has no holders and zero counts.
+        """
         request = nac_pb2.GetNodeRequest(namespace=self.namespace, node=node)
         return node_state_from_proto(await self._unary(self._stub.GetNode, request))
 
@@ -294,6 +478,7 @@ class AsyncClient:
         operation: str,
         job_id: str | None = None,
         ttl: timedelta | float | None = None,
+        wait: timedelta | float | None = None,
         on_lost: Callable[[Job], None] | None = None,
     ) -> AsyncHold:
         """Prepares a hold: entering it acquires, then renews the lease until it is exited.
@@ -303,6 +488,7 @@ class AsyncClient:
             operation: Free-text operation name, e.g. "block-commit".
             job_id: The job's id; a fresh uuid4 when omitted.
             ttl: Lease length (seconds or timedelta); the server's default when omitted.
+            wait: How long entering may queue when refused, as for acquire.
             on_lost: Called once, from the renewing task, with the job if the hold is lost.
 
         Returns:
@@ -314,11 +500,17 @@ class AsyncClient:
             operation=operation,
             job_id=job_id if job_id is not None else str(uuid.uuid4()),
             ttl=to_timedelta(ttl),
+            wait=to_non_negative_timedelta(wait, "wait") if wait is not None else None,
             on_lost=on_lost,
         )
 
     async def watch(
-        self, *, nodes: Iterable[str] = (), start_revision: int = 0, snapshot: bool = False
+        self,
+        *,
+        nodes: Iterable[str] = (),
+        job_ids: Iterable[str] = (),
+        start_revision: int = 0,
+        snapshot: bool = False,
     ) -> AsyncIterator[Event]:
         """Yields the namespace's events in revision order, across reconnections.
 
@@ -328,6 +520,8 @@ class AsyncClient:
 
         Args:
             nodes: Only events whose job holds one of these nodes; all when empty.
+            job_ids: Only events about these jobs (as the event's job, or as the waiter of a
+                CONTENDED event); all when empty. With nodes, an event must pass both.
             start_revision: First revision to deliver; 0 means the events after now.
             snapshot: Open with one SNAPSHOT event per current job, then SNAPSHOT_COMPLETE.
                 A snapshot is delivered only once complete. Not with start_revision.
@@ -340,6 +534,7 @@ class AsyncClient:
             Unavailable: retry_attempts reconnections in a row received nothing.
         """
         watched = tuple(nodes)
+        watched_jobs = tuple(job_ids)
         cursor = WatchCursor.start(start_revision, snapshot=snapshot)
         if cursor.needs_pin:
             # Fix "now" as a revision, so a stream lost before its first event resumes without
@@ -356,6 +551,7 @@ class AsyncClient:
             request = nac_pb2.WatchRequest(
                 namespace=self.namespace,
                 nodes=watched,
+                job_ids=watched_jobs,
                 start_revision=start,
                 snapshot=take_snapshot,
             )
@@ -389,14 +585,15 @@ class AsyncClient:
 class AsyncHold:
     """A job held for the duration of a with block, its lease renewed in the background.
 
-    Entering acquires (raising Conflict if refused). While inside, a background task renews the
-    lease over a KeepAlive stream every third of the TTL. If the server says the job has ended,
-    or renewals keep failing until the lease may have run out, the hold is lost: lost becomes
-    True, on_lost is called once and wait_lost() returns. Exiting stops renewing and releases;
-    exiting a lost hold does not raise.
+    Entering acquires (raising Conflict if refused, or if still refused when a wait ends).
+    While inside, a background task renews the lease over a KeepAlive stream every third of the
+    TTL. If the server says the job has ended, or renewals keep failing until the lease may have
+    run out, the hold is lost: lost becomes True, on_lost is called once and wait_lost()
+    returns. Exiting stops renewing and releases; exiting a lost hold does not raise.
 
     Attributes:
-        job: The granted job, with its fencing token; expires_at follows each renewal.
+        job: The granted job, with its fencing token; expires_at follows each renewal, and
+            update() replaces it.
     """
 
     def __init__(
@@ -407,6 +604,7 @@ class AsyncHold:
         operation: str,
         job_id: str,
         ttl: timedelta | None,
+        wait: timedelta | None,
         on_lost: Callable[[Job], None] | None,
     ) -> None:
         self._client = client
@@ -414,8 +612,13 @@ class AsyncHold:
         self._operation = operation
         self._job_id = job_id
         self._ttl = ttl
+        self._wait = wait
         self._on_lost = on_lost
+        # The job as granted or updated, written only by the caller's code, and the last
+        # renewal, written only by the renewer: with one writer each, the blocking twin's
+        # threads never lose each other's changes. The job property combines the two.
         self._job: Job | None = None
+        self._renewal: KeepAliveResult | None = None
         self._lease = Lease(ttl=0.0, renewed_at=0.0)
         self._stopping = _backend.Event()
         self._lost = _backend.Event()
@@ -430,7 +633,8 @@ class AsyncHold:
     def job(self) -> Job:
         if self._job is None:
             raise RuntimeError("the hold has not been entered")
-        return self._job
+        renewal = self._renewal
+        return self._job if renewal is None else _with_expiry(self._job, renewal)
 
     @property
     def lost(self) -> bool:
@@ -455,13 +659,36 @@ class AsyncHold:
         if self._lost_reason is not None:
             raise HoldLost(self.job.job_id, self._lost_reason)
 
+    async def update(self, nodes: Iterable[NodeAccess]) -> Job:
+        """Converts the held job to new nodes and masks, as AsyncClient.update; job follows.
+
+        Returns:
+            The job as updated.
+
+        Raises:
+            HoldLost: The hold is lost; there is nothing left to update.
+            Conflict: Other jobs conflict with the new masks; the job is unchanged.
+        """
+        self.ensure_held()
+        self._job = await self._client.update(self.job.job_id, nodes)
+        self._nodes = self._job.nodes
+        return self.job
+
     async def __aenter__(self) -> AsyncHold:
         # Before the first attempt: the lease cannot have started earlier than this.
         requested_at = _backend.monotonic()
         self._job = await self._client.acquire(
-            self._nodes, operation=self._operation, job_id=self._job_id, ttl=self._ttl
+            self._nodes,
+            operation=self._operation,
+            job_id=self._job_id,
+            ttl=self._ttl,
+            wait=self._wait,
         )
         self._lease = Lease(ttl=self._job.ttl.total_seconds(), renewed_at=requested_at)
+        if self._lease.remaining(_backend.monotonic()) < self._lease.ttl / 2:
+            # The grant came late (after a wait, or retries): the lease began somewhere between
+            # the request and the answer, so renew now to know how long it lasts.
+            await self._renew_before_start(job_id=self._job.job_id)
         self._renewer = _backend.start_background(
             self._renew_until_stopped, name=f"nac-renew-{self.job.job_id}"
         )
@@ -485,6 +712,26 @@ class AsyncHold:
                 log.warning("could not release job %s: %s", self.job.job_id, err)
                 return
             raise
+
+    async def _renew_before_start(self, *, job_id: str) -> None:
+        sent_at = _backend.monotonic()
+        try:
+            renewal = await self._client.keep_alive(job_id)
+        except NacError:
+            await self._release_after_failed_start(job_id)
+            raise
+        if not renewal.alive:
+            raise HoldLost(job_id, "the lease ran out before the grant reached this client")
+        self._lease = self._lease.renewed(
+            sent_at, renewal.ttl.total_seconds() if renewal.ttl else self._lease.ttl
+        )
+        self._renewal = renewal
+
+    async def _release_after_failed_start(self, job_id: str) -> None:
+        try:
+            await self._client.release(job_id)
+        except NacError as err:
+            log.warning("could not release job %s: %s", job_id, err)
 
     def _cancel_call(self) -> None:
         call = self._call
@@ -551,8 +798,7 @@ class AsyncHold:
                 )
                 self._lease = self._lease.renewed(sent_at, ttl)
                 if response.HasField("expires_at"):
-                    renewed = keep_alive_result_from_proto(response)
-                    self._job = _with_expiry(self.job, renewed)
+                    self._renewal = keep_alive_result_from_proto(response)
             return None
         except grpc.RpcError as err:
             code = status_code(err)
@@ -586,7 +832,9 @@ class AsyncHold:
 
 
 def _with_expiry(job: Job, renewal: KeepAliveResult) -> Job:
-    """The job as a renewal left it: new expiry and TTL, same everything else."""
-    return dataclasses.replace(
-        job, expires_at=renewal.expires_at or job.expires_at, ttl=renewal.ttl or job.ttl
-    )
+    """The job as a renewal left it: the later expiry and the renewal's TTL.
+
+    The later expiry, because an update answered after the renewal reports a newer one.
+    """
+    expires_at = max(job.expires_at, renewal.expires_at or job.expires_at)
+    return dataclasses.replace(job, expires_at=expires_at, ttl=renewal.ttl or job.ttl)

@@ -68,7 +68,8 @@ class Server:
         url = self.config.redis_url
         if url is None:
             data_dir = self.config.data_dir or default_data_dir()
-            self.embedded = await asyncio.to_thread(RedisProcess(data_dir).start)
+            # Started from the main thread, which lives as long as the server (see RedisProcess).
+            self.embedded = RedisProcess(data_dir).start()
             url = self.embedded.url
             log.warning(
                 "using an embedded redis-server (%s, data in %s): for single-host development "

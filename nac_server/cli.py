@@ -8,15 +8,11 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nac_server.app import ServerConfig, serve
 from nac_server.config import Limits
-
-
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(name, default)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -24,86 +20,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="nac-server",
         description="Node Access Control server. Without --redis-url it starts a private "
-        "redis-server for single-host development.",
+        "redis-server for single-host development. Every flag also reads the environment "
+        "variable named in brackets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add("--listen", default=_env("NAC_LISTEN", "127.0.0.1:50051"), help="HOST:PORT [NAC_LISTEN]")
-    add("--redis-url", default=_env("NAC_REDIS_URL", None), help="shared Redis [NAC_REDIS_URL]")
-    add(
-        "--data-dir",
-        type=Path,
-        default=_env("NAC_DATA_DIR", None),
-        help="embedded Redis data directory [NAC_DATA_DIR] (default ~/.local/share/nac)",
-    )
-    add(
-        "--default-ttl",
-        type=float,
-        default=float(_env("NAC_DEFAULT_TTL", str(defaults.default_ttl_ms / 1000)) or 0),
-        help="lease seconds when a request names none [NAC_DEFAULT_TTL]",
-    )
-    add(
-        "--min-ttl",
-        type=float,
-        default=float(_env("NAC_MIN_TTL", str(defaults.min_ttl_ms / 1000)) or 0),
-        help="shortest lease seconds [NAC_MIN_TTL]",
-    )
-    add(
-        "--max-ttl",
-        type=float,
-        default=float(_env("NAC_MAX_TTL", str(defaults.max_ttl_ms / 1000)) or 0),
-        help="longest lease seconds [NAC_MAX_TTL]",
-    )
-    add(
-        "--max-nodes",
-        type=int,
-        default=int(_env("NAC_MAX_NODES", str(defaults.max_nodes)) or 0),
-        help="most nodes in one job [NAC_MAX_NODES]",
-    )
-    add(
-        "--history",
-        type=int,
-        default=int(_env("NAC_HISTORY", str(defaults.history)) or 0),
-        help="events kept per namespace for Watch resume [NAC_HISTORY]",
-    )
-    add(
-        "--watch-queue",
-        type=int,
-        default=int(_env("NAC_WATCH_QUEUE", str(defaults.watch_queue)) or 0),
-        help="events a watcher may lag before it is ended [NAC_WATCH_QUEUE]",
-    )
-    add(
+
+    def option(flag: str, kind: Callable[[str], object], default: object, text: str) -> None:
+        # NAC_<FLAG> overrides the default; argparse converts and checks it like the flag itself.
+        env = "NAC_" + flag.removeprefix("--").replace("-", "_").upper()
+        fallback = os.environ.get(env, None if default is None else str(default))
+        parser.add_argument(flag, type=kind, default=fallback, help=f"{text} [{env}]")
+
+    option("--listen", str, "127.0.0.1:50051", "HOST:PORT to serve on")
+    option("--redis-url", str, None, "the shared Redis; without it an embedded one is started")
+    option("--data-dir", Path, None, "embedded Redis data directory (default ~/.local/share/nac)")
+    option("--default-ttl", float, defaults.default_ttl_ms / 1000, "lease seconds by default")
+    option("--min-ttl", float, defaults.min_ttl_ms / 1000, "shortest lease, seconds")
+    option("--max-ttl", float, defaults.max_ttl_ms / 1000, "longest lease, seconds")
+    option("--max-nodes", int, defaults.max_nodes, "most nodes in one job")
+    option("--history", int, defaults.history, "events kept per namespace for Watch resume")
+    option("--watch-queue", int, defaults.watch_queue, "events a watcher may lag before it ends")
+    option(
         "--sweep-interval",
-        type=float,
-        default=float(_env("NAC_SWEEP_INTERVAL", str(defaults.sweep_interval_s)) or 0),
-        help="longest pause between expiry sweeps, seconds [NAC_SWEEP_INTERVAL]",
+        float,
+        defaults.sweep_interval_s,
+        "longest pause between expiry sweeps, seconds",
     )
-    add(
+    option(
         "--lock-delay",
-        type=float,
-        default=float(_env("NAC_LOCK_DELAY", str(defaults.lock_delay_ms / 1000)) or 0),
-        help="seconds a lost or force-released holder keeps blocking its nodes, unless the "
-        "namespace sets its own; 0 turns it off [NAC_LOCK_DELAY]",
+        float,
+        defaults.lock_delay_ms / 1000,
+        "seconds a lost or force-released holder keeps blocking its nodes, unless the namespace "
+        "sets its own; 0 turns it off",
     )
-    add(
-        "--max-wait",
-        type=float,
-        default=float(_env("NAC_MAX_WAIT", str(defaults.max_wait_ms / 1000)) or 0),
-        help="longest Acquire wait, seconds [NAC_MAX_WAIT]",
-    )
-    add(
+    option("--max-wait", float, defaults.max_wait_ms / 1000, "longest Acquire wait, seconds")
+    option(
         "--admin-token",
-        default=_env("NAC_ADMIN_TOKEN", None),
-        help="bearer token for operator calls (ForceRelease, ConfigureNamespace); without it "
-        "they are refused [NAC_ADMIN_TOKEN]",
+        str,
+        None,
+        "bearer token for operator calls (ForceRelease, ConfigureNamespace); without it they are "
+        "refused",
     )
-    add(
-        "--grace",
-        type=float,
-        default=float(_env("NAC_GRACE", "5") or 0),
-        help="seconds calls in flight get at shutdown [NAC_GRACE]",
-    )
-    add("--log-level", default=_env("NAC_LOG_LEVEL", "INFO"), help="[NAC_LOG_LEVEL]")
+    option("--grace", float, 5.0, "seconds calls in flight get at shutdown")
+    option("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
     options = parser.parse_args(argv)
     problems = [
         name

@@ -171,6 +171,8 @@ end
 
 local waiter_json
 if waiting then
+  -- Same nodes, perhaps in another order: keep this call's, which the conflicts index.
+  waiting.nodes = nodes
   waiting.blocked = blocked
   waiting.exp = math.min(waiting.deadline, now + liveness)
   waiter_json = cjson.encode(waiting)

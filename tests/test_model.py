@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 
 from nac_server.model import (
     ALL_MASK,
-    Action,
     AcquireRequest,
+    Action,
     Conflict,
     ConflictKind,
+    EndDelayRequest,
     Event,
     EventType,
     ExpireRequest,
+    ForceReleaseRequest,
     Job,
     NodeAccess,
     Outcome,
@@ -27,6 +29,9 @@ from nac_server.model import (
     Response,
     State,
     Tally,
+    UnwaitRequest,
+    UpdateRequest,
+    Waiter,
     actions_in,
     find_conflicts,
     mask_of,
@@ -44,6 +49,8 @@ READS = R | RMETA
 
 DNA = ConflictKind.HOLDER_DOES_NOT_ALLOW
 HREQ = ConflictKind.HOLDER_REQUIRES
+DELAY = ConflictKind.LOCK_DELAY
+AHEAD = ConflictKind.WAITING_AHEAD
 
 A, B, C = "/vol/a.qcow2", "/vol/b.qcow2", "/vol/c.qcow2"
 
@@ -77,8 +84,12 @@ RULE_CASES = {
     "two-writers-conflict-both-ways": RuleCase(
         (job("w1", "host-a", "commit", (A, W | READS, READS)),),
         nodes_of((A, W | READS, READS)),
-        frozenset({(A, Action.MODIFY_VISIBLE_DATA, DNA, "w1"),
-                   (A, Action.MODIFY_VISIBLE_DATA, HREQ, "w1")}),
+        frozenset(
+            {
+                (A, Action.MODIFY_VISIBLE_DATA, DNA, "w1"),
+                (A, Action.MODIFY_VISIBLE_DATA, HREQ, "w1"),
+            }
+        ),
     ),
     "readers-that-allow-reads-coexist": RuleCase(
         (GUEST_READER,), nodes_of((A, READS, READS)), frozenset()
@@ -109,8 +120,12 @@ RULE_CASES = {
     "same-owner-still-conflicts": RuleCase(
         (job("commit-1", "host-a", "commit", (A, GRAPH, 0)),),
         nodes_of((A, GRAPH, 0)),
-        frozenset({(A, Action.GRAPH_RECONFIG, DNA, "commit-1"),
-                   (A, Action.GRAPH_RECONFIG, HREQ, "commit-1")}),
+        frozenset(
+            {
+                (A, Action.GRAPH_RECONFIG, DNA, "commit-1"),
+                (A, Action.GRAPH_RECONFIG, HREQ, "commit-1"),
+            }
+        ),
     ),
     "disjoint-nodes-never-conflict": RuleCase(
         (job("x", "host-a", "commit", (A, ALL_MASK, 0)),),
@@ -125,16 +140,24 @@ RULE_CASES = {
     "every-holder-reported": RuleCase(
         (GUEST_READER, MIRROR, job("ok", "host-c", "backup", (A, 0, ALL_MASK))),
         nodes_of((A, RESIZE | W, READS)),
-        frozenset({(A, Action.MODIFY_VISIBLE_DATA, DNA, "vm1-cdrom"),
-                   (A, Action.RESIZE, DNA, "vm1-cdrom"),
-                   (A, Action.RESIZE, DNA, "mirror-1")}),
+        frozenset(
+            {
+                (A, Action.MODIFY_VISIBLE_DATA, DNA, "vm1-cdrom"),
+                (A, Action.RESIZE, DNA, "vm1-cdrom"),
+                (A, Action.RESIZE, DNA, "mirror-1"),
+            }
+        ),
     ),
     "several-actions-one-holder": RuleCase(
         (GUEST_WRITER,),
         nodes_of((A, READS, READS)),
-        frozenset({(A, Action.MODIFY_VISIBLE_DATA, HREQ, "vm1-disk"),
-                   (A, Action.MODIFY_METADATA, HREQ, "vm1-disk"),
-                   (A, Action.RESIZE, HREQ, "vm1-disk")}),
+        frozenset(
+            {
+                (A, Action.MODIFY_VISIBLE_DATA, HREQ, "vm1-disk"),
+                (A, Action.MODIFY_METADATA, HREQ, "vm1-disk"),
+                (A, Action.RESIZE, HREQ, "vm1-disk"),
+            }
+        ),
     ),
 }
 
@@ -202,10 +225,14 @@ def refused_by_tallies(counts: dict[Action, Tally], require: int, allow: int) ->
 def check_pair(holder: Job, holder_counts: dict[Action, Tally], require: int, allow: int) -> None:
     held = holder.nodes[0]
     found = find_conflicts([holder], [NodeAccess(A, require, allow)])
-    assert {(c.action.bit, c.kind) for c in found} == expected_pair(
-        held.require, held.allow, require, allow
-    ), (held, require, allow)
-    assert len(found) == len({(c.action, c.kind) for c in found})
+    # The rule as two bit expressions, one per kind; each bit set is one conflict.
+    not_allowed = require & ~held.allow & ALL_MASK
+    required = held.require & ~allow & ALL_MASK
+    got = {DNA: 0, HREQ: 0}
+    for conflict in found:
+        got[conflict.kind] |= conflict.action.bit
+    assert (got[DNA], got[HREQ]) == (not_allowed, required), (held, require, allow)
+    assert len(found) == not_allowed.bit_count() + required.bit_count()
     assert refused_by_tallies(holder_counts, require, allow) == bool(found), (held, require, allow)
 
 
@@ -227,18 +254,18 @@ def test_each_action_all_sixteen_bit_combinations(action: Action) -> None:
         assert len(found) == len(expected)
 
 
-def _sample_pairs(seed: int) -> list[tuple[int, int]]:
+def _sample_pairs(seed: int, count: int) -> list[tuple[int, int]]:
     extremes = [(0, 0), (0, ALL_MASK), (ALL_MASK, 0), (ALL_MASK, ALL_MASK)]
     rng = random.Random(seed)
-    return extremes + [(rng.randrange(64), rng.randrange(64)) for _ in range(60)]
+    return extremes + [(rng.randrange(64), rng.randrange(64)) for _ in range(count - 4)]
 
 
 ALL_PAIRS = [(require, allow) for require in range(64) for allow in range(64)]
 
 
 def test_every_holder_mask_pair_against_sampled_requests() -> None:
-    """All 4096 holder (require, allow) pairs x 64 requests: conflicts and tallies match the rule."""
-    requests = _sample_pairs(seed=1)
+    """All 4096 holder mask pairs x 64 requests: conflicts and tallies match the rule."""
+    requests = _sample_pairs(seed=1, count=64)
     for holder_require, holder_allow in ALL_PAIRS:
         holder = job("h", "o", "op", (A, holder_require, holder_allow))
         counts = tallies([holder], A)
@@ -247,8 +274,9 @@ def test_every_holder_mask_pair_against_sampled_requests() -> None:
 
 
 def test_every_request_mask_pair_against_sampled_holders() -> None:
-    """All 4096 request (require, allow) pairs x 64 holders: conflicts and tallies match the rule."""
-    for holder_require, holder_allow in _sample_pairs(seed=2):
+    """All 4096 request mask pairs x 16 holders: conflicts and tallies match the rule."""
+    # Fewer holders than requests above: the two directions share the per-pair check.
+    for holder_require, holder_allow in _sample_pairs(seed=2, count=16):
         holder = job("h", "o", "op", (A, holder_require, holder_allow))
         counts = tallies([holder], A)
         for require, allow in ALL_PAIRS:
@@ -274,8 +302,12 @@ masks = st.integers(0, ALL_MASK)
 
 @given(
     st.lists(st.tuples(st.sampled_from([A, B]), masks, masks), max_size=5),
-    st.lists(st.tuples(st.sampled_from([A, B, C]), masks, masks), min_size=1, max_size=3,
-             unique_by=lambda n: n[0]),
+    st.lists(
+        st.tuples(st.sampled_from([A, B, C]), masks, masks),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda n: n[0],
+    ),
 )
 def test_many_holders_tallies_predict_refusal(
     held: list[tuple[str, int, int]], wanted: list[tuple[str, int, int]]
@@ -310,8 +342,11 @@ def acquire(
     *nodes: tuple[str, int, int],
     operation: str = "commit",
     dry_run: bool = False,
+    wait: bool = False,
 ) -> AcquireRequest:
-    return AcquireRequest(job_id, owner, operation, nodes_of(*nodes), ttl_ms=0, dry_run=dry_run)
+    return AcquireRequest(
+        job_id, owner, operation, nodes_of(*nodes), ttl_ms=0, dry_run=dry_run, wait=wait
+    )
 
 
 def run(state: State, *requests: Request) -> tuple[State, list[Response]]:
@@ -350,7 +385,7 @@ def test_grants_take_increasing_tokens_and_revisions() -> None:
 
 def test_token_continues_after_release() -> None:
     """A release takes a revision but no token; the next grant's token is the last one plus one."""
-    state, answers = run(
+    _, answers = run(
         held_state(),
         ReleaseRequest("j1", "host-a"),
         acquire("j1", "host-a", (A, READS, READS)),
@@ -389,11 +424,10 @@ def test_repeated_acquire_answers_existing(nodes: tuple[tuple[str, int, int], ..
         acquire("j2", "host-b", (B, W | READS, READS), (C, READS, ALL_MASK), (A, 0, ALL_MASK)),
         acquire("j2", "host-b", (B, W | READS, READS), (A, READS, ALL_MASK)),
     ],
-    ids=["other-owner", "other-operation", "other-mask", "fewer-nodes", "more-nodes",
-         "other-node"],
+    ids=["other-owner", "other-operation", "other-mask", "fewer-nodes", "more-nodes", "other-node"],
 )
 def test_same_id_other_content_answers_already_exists(request_: AcquireRequest) -> None:
-    """An acquire reusing a held id with other content answers ALREADY_EXISTS and changes nothing."""
+    """Reusing a held id with other content answers ALREADY_EXISTS and changes nothing."""
     before = held_state()
     after, answer = step(before, request_)
     assert answer.outcome is Outcome.ALREADY_EXISTS
@@ -431,9 +465,8 @@ def test_refusal_lists_the_conflicts() -> None:
     assert answer.conflicts == tuple(
         sorted(
             [
-                Conflict(A, Action.MODIFY_VISIBLE_DATA, DNA, "j1", "host-a", "commit"),
-                Conflict(B, Action.MODIFY_VISIBLE_DATA, DNA, "j2", "host-b", "commit"),
                 Conflict(B, Action.MODIFY_VISIBLE_DATA, HREQ, "j2", "host-b", "commit"),
+                Conflict(A, Action.MODIFY_VISIBLE_DATA, DNA, "j1", "host-a", "commit"),
             ]
         )
     )
@@ -511,3 +544,650 @@ def test_events_have_one_revision_per_change() -> None:
     assert state.revision == 4
     assert state.last_token == 2
     assert dict(state.jobs) == {}
+
+
+# --- Jobs over time: queues, deadlocks, lock-delay, conversion -----------------------------------
+
+X, Y, Z = "/vol/x.qcow2", "/vol/y.qcow2", "/vol/z.qcow2"
+WRITER = (W | READS, READS)
+# Reads and refuses writes: compatible with other such readers, not with a writer.
+READER = (READS, READS)
+# Reads and lets anything else happen: compatible with the writer and the reader above.
+SHARER = (READS, ALL_MASK)
+EXCLUSIVE = (W, 0)
+
+
+def on(node: str, masks: tuple[int, int]) -> tuple[str, int, int]:
+    return (node, *masks)
+
+
+# A reader holds A, a writer (another owner) waits behind it.
+QUEUE = (
+    acquire("r1", "host-a", on(A, READER)),
+    acquire("w1", "host-b", on(A, WRITER), wait=True),
+)
+# A holds X and B holds Y; A waits for Y: the first half of a hold-and-wait cycle.
+HOLD_AND_WAIT = (
+    acquire("a1", "host-a", on(X, EXCLUSIVE)),
+    acquire("b1", "host-b", on(Y, EXCLUSIVE)),
+    acquire("a2", "host-a", on(Y, EXCLUSIVE), wait=True),
+)
+HELD_WRITER = (acquire("w", "host-a", on(A, WRITER)),)
+LOST_WRITER = (*HELD_WRITER, ExpireRequest("w", now_ms=10))
+
+ConflictKey = tuple[str, Action, ConflictKind, str]
+MVD = Action.MODIFY_VISIBLE_DATA
+
+
+@dataclass(frozen=True)
+class StepCase:
+    """One request after some others: its answer, what it appends and what is left."""
+
+    given: tuple[Request, ...]
+    request: Request
+    outcome: Outcome
+    # (node, action, kind, holder id)
+    conflicts: frozenset[ConflictKey] = frozenset()
+    positions: tuple[int, ...] = ()
+    # The events the request appends, as (type, job id).
+    events: tuple[tuple[EventType, str], ...] = ()
+    # After the request, when given: held ids, queue order, ids in lock-delay.
+    holders: frozenset[str] | None = None
+    waiters: tuple[str, ...] | None = None
+    delays: frozenset[str] | None = None
+    lock_delay_ms: int = 1000
+
+
+STEP_CASES = {
+    # Fair queuing.
+    "writer-behind-a-reader-queues": StepCase(
+        QUEUE[:1],
+        QUEUE[1],
+        Outcome.QUEUED,
+        frozenset({(A, MVD, DNA, "r1")}),
+        positions=(1,),
+        events=((EventType.WAITING, "w1"),),
+        waiters=("w1",),
+    ),
+    "refused-without-wait-does-not-queue": StepCase(
+        QUEUE[:1],
+        acquire("w1", "host-b", on(A, WRITER)),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DNA, "r1")}),
+        waiters=(),
+    ),
+    "reader-behind-a-waiting-writer-is-refused": StepCase(
+        QUEUE,
+        acquire("r2", "host-c", on(A, READER)),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, AHEAD, "w1")}),
+        holders=frozenset({"r1"}),
+        waiters=("w1",),
+    ),
+    "reader-behind-a-waiting-writer-queues-second": StepCase(
+        QUEUE,
+        acquire("r2", "host-c", on(A, READER), wait=True),
+        Outcome.QUEUED,
+        frozenset({(A, MVD, AHEAD, "w1")}),
+        positions=(2,),
+        events=((EventType.WAITING, "r2"),),
+        waiters=("w1", "r2"),
+    ),
+    "compatible-with-everyone-is-granted-past-the-queue": StepCase(
+        QUEUE,
+        acquire("s1", "host-c", on(A, SHARER)),
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "s1"),),
+        holders=frozenset({"r1", "s1"}),
+        waiters=("w1",),
+    ),
+    "a-waiter-blocks-only-its-own-nodes": StepCase(
+        QUEUE,
+        acquire("x1", "host-c", on(B, EXCLUSIVE)),
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "x1"),),
+    ),
+    "positions-follow-the-request-order": StepCase(
+        (*QUEUE, acquire("r9", "host-a", on(B, EXCLUSIVE))),
+        acquire("w2", "host-c", on(B, WRITER), on(A, WRITER), wait=True),
+        Outcome.QUEUED,
+        frozenset(
+            {
+                (A, MVD, DNA, "r1"),
+                (A, MVD, AHEAD, "w1"),
+                (B, MVD, DNA, "r9"),
+                (B, MVD, HREQ, "r9"),
+                (B, Action.READ_VISIBLE_DATA, DNA, "r9"),
+                (B, Action.READ_METADATA, DNA, "r9"),
+            }
+        ),
+        positions=(1, 2),
+        events=((EventType.WAITING, "w2"),),
+    ),
+    "queued-id-with-other-content-already-exists": StepCase(
+        QUEUE, acquire("w1", "host-c", on(A, WRITER)), Outcome.ALREADY_EXISTS, waiters=("w1",)
+    ),
+    "dry-run-does-not-look-the-queued-id-up": StepCase(
+        QUEUE,
+        acquire("w1", "host-b", on(A, WRITER), dry_run=True),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DNA, "r1"), (A, MVD, AHEAD, "w1")}),
+        waiters=("w1",),
+    ),
+    # Re-checks: the same call again, in its own place.
+    "recheck-still-kept-out-keeps-its-place": StepCase(
+        (*QUEUE, acquire("r2", "host-c", on(A, READER), wait=True)),
+        QUEUE[1],
+        Outcome.QUEUED,
+        frozenset({(A, MVD, DNA, "r1")}),
+        positions=(1,),
+        waiters=("w1", "r2"),
+    ),
+    "recheck-without-wait-still-queued": StepCase(
+        QUEUE,
+        acquire("w1", "host-b", on(A, WRITER)),
+        Outcome.QUEUED,
+        frozenset({(A, MVD, DNA, "r1")}),
+        positions=(1,),
+        waiters=("w1",),
+    ),
+    "recheck-counts-only-earlier-waiters": StepCase(
+        (*QUEUE, acquire("r2", "host-c", on(A, READER), wait=True)),
+        acquire("r2", "host-c", on(A, READER)),
+        Outcome.QUEUED,
+        frozenset({(A, MVD, AHEAD, "w1")}),
+        positions=(2,),
+        waiters=("w1", "r2"),
+    ),
+    "recheck-granted-leaves-the-queue": StepCase(
+        (*QUEUE, ReleaseRequest("r1", "host-a")),
+        QUEUE[1],
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "w1"),),
+        holders=frozenset({"w1"}),
+        waiters=(),
+    ),
+    "granted-once-the-waiter-ahead-leaves": StepCase(
+        (
+            *QUEUE,
+            acquire("r2", "host-c", on(A, READER), wait=True),
+            UnwaitRequest("w1"),
+        ),
+        acquire("r2", "host-c", on(A, READER)),
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "r2"),),
+        holders=frozenset({"r1", "r2"}),
+        waiters=(),
+    ),
+    # Deadlocks: a wait that would close a cycle of owners.
+    "hold-and-wait-cycle-is-a-deadlock": StepCase(
+        HOLD_AND_WAIT,
+        acquire("b2", "host-b", on(X, EXCLUSIVE), wait=True),
+        Outcome.DEADLOCK,
+        holders=frozenset({"a1", "b1"}),
+        waiters=("a2",),
+    ),
+    "the-same-without-a-wait-is-refused": StepCase(
+        HOLD_AND_WAIT,
+        acquire("b2", "host-b", on(X, EXCLUSIVE)),
+        Outcome.REFUSED,
+        frozenset({(X, MVD, DNA, "a1"), (X, MVD, HREQ, "a1")}),
+        waiters=("a2",),
+    ),
+    "three-owner-cycle-is-a-deadlock": StepCase(
+        (
+            *HOLD_AND_WAIT[:2],
+            acquire("c1", "host-c", on(Z, EXCLUSIVE)),
+            HOLD_AND_WAIT[2],
+            acquire("b2", "host-b", on(Z, EXCLUSIVE), wait=True),
+        ),
+        acquire("c2", "host-c", on(X, EXCLUSIVE), wait=True),
+        Outcome.DEADLOCK,
+        waiters=("a2", "b2"),
+    ),
+    "a-chain-without-a-cycle-queues": StepCase(
+        HOLD_AND_WAIT,
+        acquire("c2", "host-c", on(X, EXCLUSIVE), wait=True),
+        Outcome.QUEUED,
+        frozenset({(X, MVD, DNA, "a1"), (X, MVD, HREQ, "a1")}),
+        positions=(1,),
+        events=((EventType.WAITING, "c2"),),
+        waiters=("a2", "c2"),
+    ),
+    "waiting-for-its-own-owner-is-no-cycle": StepCase(
+        HOLD_AND_WAIT[:1],
+        acquire("a2", "host-a", on(X, EXCLUSIVE), wait=True),
+        Outcome.QUEUED,
+        frozenset({(X, MVD, DNA, "a1"), (X, MVD, HREQ, "a1")}),
+        positions=(1,),
+        events=((EventType.WAITING, "a2"),),
+    ),
+    "cycle-through-a-waiter-ahead-is-a-deadlock": StepCase(
+        (
+            acquire("b1", "host-b", on(Y, EXCLUSIVE)),
+            acquire("a1", "host-a", on(Y, EXCLUSIVE), wait=True),
+        ),
+        acquire("b2", "host-b", on(Y, EXCLUSIVE), wait=True),
+        Outcome.DEADLOCK,
+        waiters=("a1",),
+    ),
+    "a-lock-delay-is-no-edge-of-a-cycle": StepCase(
+        (
+            acquire("a1", "host-a", on(X, EXCLUSIVE)),
+            ExpireRequest("a1"),
+            acquire("b1", "host-b", on(Y, EXCLUSIVE)),
+            acquire("a2", "host-a", on(Y, EXCLUSIVE), wait=True),
+        ),
+        acquire("b2", "host-b", on(X, EXCLUSIVE), wait=True),
+        Outcome.QUEUED,
+        frozenset({(X, MVD, DELAY, "a1")}),
+        positions=(1,),
+        events=((EventType.WAITING, "b2"),),
+    ),
+    # a2 still notes b1 in its way until it checks again: the edges are those of the last check.
+    "a-stale-edge-counts-until-the-waiter-checks-again": StepCase(
+        (*HOLD_AND_WAIT, ReleaseRequest("b1", "host-b")),
+        acquire("b2", "host-b", on(X, EXCLUSIVE), wait=True),
+        Outcome.DEADLOCK,
+    ),
+    # Lock-delay: a lost holder keeps blocking with its masks.
+    "expiry-leaves-a-lock-delay": StepCase(
+        HELD_WRITER,
+        ExpireRequest("w", now_ms=10),
+        Outcome.RELEASED,
+        events=((EventType.EXPIRED, "w"),),
+        holders=frozenset(),
+        delays=frozenset({"w"}),
+    ),
+    "force-release-leaves-a-lock-delay": StepCase(
+        HELD_WRITER,
+        ForceReleaseRequest("w", now_ms=10),
+        Outcome.RELEASED,
+        events=((EventType.FORCE_RELEASED, "w"),),
+        holders=frozenset(),
+        delays=frozenset({"w"}),
+    ),
+    "release-leaves-none": StepCase(
+        HELD_WRITER,
+        ReleaseRequest("w", "host-a"),
+        Outcome.RELEASED,
+        events=((EventType.RELEASED, "w"),),
+        delays=frozenset(),
+    ),
+    "expiry-leaves-none-when-lock-delay-is-off": StepCase(
+        HELD_WRITER,
+        ExpireRequest("w"),
+        Outcome.RELEASED,
+        events=((EventType.EXPIRED, "w"),),
+        delays=frozenset(),
+        lock_delay_ms=0,
+    ),
+    "force-release-of-an-unknown-job-is-not-held": StepCase(
+        HELD_WRITER, ForceReleaseRequest("nope"), Outcome.NOT_HELD, delays=frozenset()
+    ),
+    "lost-writer-blocks-a-writer-once-per-action": StepCase(
+        LOST_WRITER,
+        acquire("w2", "host-b", on(A, WRITER)),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DELAY, "w")}),
+    ),
+    "lost-writer-blocks-a-reader-refusing-writes": StepCase(
+        LOST_WRITER,
+        acquire("r2", "host-b", on(A, READER)),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DELAY, "w")}),
+    ),
+    "reader-compatible-with-the-lost-writer-is-granted": StepCase(
+        LOST_WRITER,
+        acquire("s2", "host-b", on(A, SHARER)),
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "s2"),),
+        delays=frozenset({"w"}),
+    ),
+    "end-of-delay-is-an-event": StepCase(
+        LOST_WRITER,
+        EndDelayRequest("w"),
+        Outcome.RELEASED,
+        events=((EventType.LOCK_DELAY_ENDED, "w"),),
+        delays=frozenset(),
+    ),
+    "end-of-delay-frees-the-node": StepCase(
+        (*LOST_WRITER, EndDelayRequest("w")),
+        acquire("w2", "host-b", on(A, WRITER)),
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "w2"),),
+    ),
+    "no-delay-to-end-is-not-held": StepCase(
+        LOST_WRITER, EndDelayRequest("other"), Outcome.NOT_HELD, delays=frozenset({"w"})
+    ),
+    "lost-id-taken-already-exists": StepCase(
+        LOST_WRITER,
+        acquire("w", "host-a", on(B, WRITER)),
+        Outcome.ALREADY_EXISTS,
+        holders=frozenset(),
+    ),
+    "a-waiter-kept-out-by-a-lock-delay-still-goes-first": StepCase(
+        (*LOST_WRITER, acquire("w2", "host-b", (A, RESIZE, ALL_MASK), wait=True)),
+        acquire("s2", "host-c", (A, READS, ALL_MASK & ~RESIZE)),
+        Outcome.REFUSED,
+        frozenset({(A, Action.RESIZE, AHEAD, "w2")}),
+    ),
+    # Unwait.
+    "unwait-leaves-the-queue": StepCase(
+        QUEUE,
+        UnwaitRequest("w1"),
+        Outcome.RELEASED,
+        events=((EventType.WAIT_ENDED, "w1"),),
+        holders=frozenset({"r1"}),
+        waiters=(),
+    ),
+    "unwait-of-a-job-not-queued-is-not-held": StepCase(
+        QUEUE, UnwaitRequest("nope"), Outcome.NOT_HELD, waiters=("w1",)
+    ),
+    "unwait-of-a-held-job-is-not-held": StepCase(
+        QUEUE, UnwaitRequest("r1"), Outcome.NOT_HELD, holders=frozenset({"r1"})
+    ),
+    # Conversion.
+    "update-of-an-unknown-job-is-not-held": StepCase(
+        QUEUE, UpdateRequest("nope", "host-a", nodes_of(on(A, READER))), Outcome.NOT_HELD
+    ),
+    "update-of-a-queued-job-is-not-held": StepCase(
+        QUEUE, UpdateRequest("w1", "host-b", nodes_of(on(B, READER))), Outcome.NOT_HELD
+    ),
+    "update-by-another-owner-is-denied": StepCase(
+        QUEUE, UpdateRequest("r1", "host-b", nodes_of(on(B, READER))), Outcome.PERMISSION_DENIED
+    ),
+    "update-to-the-same-nodes-is-unchanged": StepCase(
+        (acquire("j", "host-a", on(A, READER), on(B, WRITER)),),
+        UpdateRequest("j", "host-a", nodes_of(on(B, WRITER), on(A, READER))),
+        Outcome.UNCHANGED,
+    ),
+    "update-granted": StepCase(
+        QUEUE[:1],
+        UpdateRequest("r1", "host-a", nodes_of(on(A, SHARER), on(B, WRITER))),
+        Outcome.UPDATED,
+        events=((EventType.UPDATED, "r1"),),
+        holders=frozenset({"r1"}),
+    ),
+    "update-refused-by-another-holder": StepCase(
+        (*QUEUE[:1], acquire("s1", "host-b", on(A, SHARER))),
+        UpdateRequest("s1", "host-b", nodes_of(on(A, WRITER))),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DNA, "r1")}),
+    ),
+    "update-refused-by-a-lock-delay": StepCase(
+        (*LOST_WRITER, acquire("s2", "host-b", on(A, SHARER))),
+        UpdateRequest("s2", "host-b", nodes_of(on(A, READER))),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DELAY, "w")}),
+    ),
+    "update-dry-run-would-grant": StepCase(
+        QUEUE[:1],
+        UpdateRequest("r1", "host-a", nodes_of(on(A, WRITER)), dry_run=True),
+        Outcome.WOULD_GRANT,
+    ),
+    "update-dry-run-refused": StepCase(
+        (*QUEUE[:1], acquire("s1", "host-b", on(A, SHARER))),
+        UpdateRequest("s1", "host-b", nodes_of(on(A, WRITER)), dry_run=True),
+        Outcome.REFUSED,
+        frozenset({(A, MVD, DNA, "r1")}),
+    ),
+    "update-never-against-itself": StepCase(
+        QUEUE[:1],
+        UpdateRequest("r1", "host-a", nodes_of(on(A, EXCLUSIVE))),
+        Outcome.UPDATED,
+        events=((EventType.UPDATED, "r1"),),
+    ),
+    "update-goes-ahead-of-the-waiters": StepCase(
+        QUEUE,
+        UpdateRequest("r1", "host-a", nodes_of(on(A, EXCLUSIVE))),
+        Outcome.UPDATED,
+        events=((EventType.UPDATED, "r1"),),
+        waiters=("w1",),
+    ),
+    "loosening-always-succeeds": StepCase(
+        (
+            acquire("j", "host-a", on(A, WRITER), on(B, READER)),
+            acquire("s", "host-b", on(A, SHARER), on(B, SHARER)),
+            acquire("q", "host-c", on(B, WRITER), wait=True),
+        ),
+        UpdateRequest("j", "host-a", nodes_of((A, W, ALL_MASK))),
+        Outcome.UPDATED,
+        events=((EventType.UPDATED, "j"),),
+        holders=frozenset({"j", "s"}),
+    ),
+    "update-that-drops-a-node-frees-it": StepCase(
+        (
+            acquire("j", "host-a", on(A, READER), on(B, EXCLUSIVE)),
+            UpdateRequest("j", "host-a", nodes_of(on(A, READER))),
+        ),
+        acquire("x", "host-b", on(B, EXCLUSIVE)),
+        Outcome.GRANTED,
+        events=((EventType.ACQUIRED, "x"),),
+    ),
+}
+
+
+def run_case(case: StepCase) -> tuple[State, State, Response]:
+    start = State(lock_delay_ms=case.lock_delay_ms)
+    before, _ = run(start, *case.given)
+    after, answer = step(before, case.request)
+    return before, after, answer
+
+
+@pytest.mark.parametrize("case", STEP_CASES.values(), ids=STEP_CASES.keys())
+def test_step_cases(case: StepCase) -> None:
+    """Each request answers as the rules say, appends its events and leaves the expected state."""
+    before, after, answer = run_case(case)
+    assert answer.outcome is case.outcome, answer
+    assert {(c.node, c.action, c.kind, c.holder_job_id) for c in answer.conflicts} == (
+        case.conflicts
+    )
+    assert list(answer.conflicts) == sorted(set(answer.conflicts))
+    assert answer.positions == case.positions
+    appended = after.events[len(before.events) :]
+    assert [(e.type, e.job_id) for e in appended] == list(case.events)
+    assert [e.revision for e in appended] == list(
+        range(before.revision + 1, before.revision + 1 + len(appended))
+    )
+    assert after.revision == answer.revision == before.revision + len(appended)
+    assert bool(answer.cycle) == (answer.outcome is Outcome.DEADLOCK)
+    if case.holders is not None:
+        assert set(after.jobs) == case.holders
+    if case.waiters is not None:
+        assert [w.job.job_id for w in after.waiters] == list(case.waiters)
+    if case.delays is not None:
+        assert set(after.delays) == case.delays
+    if not appended and answer.outcome is not Outcome.QUEUED:
+        # Only a re-check changes the state without an event: it notes who is in the way.
+        assert after == before
+
+
+def test_recheck_keeps_the_place_and_notes_who_is_in_the_way() -> None:
+    """A re-check takes no revision and no new seq; it refreshes the waiter's wait-for edges."""
+    state, _ = run(State(), *QUEUE, acquire("r2", "host-c", on(A, READER), wait=True))
+    assert [(w.job.job_id, w.seq, w.blocked) for w in state.waiters] == [
+        ("w1", 1, (("host-a", "r1"),)),
+        ("r2", 2, (("host-b", "w1"),)),
+    ]
+    # The reader in w1's way converts to a job that keeps w1 out with another holder's help.
+    state, _ = run(
+        state,
+        acquire("s1", "host-c", on(A, SHARER)),
+        UpdateRequest("s1", "host-c", nodes_of(on(A, READER))),
+    )
+    after, answer = step(state, QUEUE[1])
+    assert answer.outcome is Outcome.QUEUED
+    assert answer.positions == (1,)
+    assert (after.revision, after.last_seq, after.events) == (
+        state.revision,
+        state.last_seq,
+        state.events,
+    )
+    assert after.waiters[0] == Waiter(state.waiters[0].job, 1, (("host-a", "r1"), ("host-c", "s1")))
+    assert after.waiters[1] == state.waiters[1]
+
+
+def test_waiter_edges_leave_lock_delays_out() -> None:
+    """The wait-for edges name holders and earlier waiters, never lost holders."""
+    state, _ = run(
+        State(lock_delay_ms=1000),
+        *LOST_WRITER,
+        acquire("r1", "host-b", on(B, READER)),
+        acquire("w2", "host-c", on(A, WRITER), on(B, WRITER), wait=True),
+        acquire("w3", "host-a", (B, READS, ALL_MASK & ~W), wait=True),
+    )
+    assert [(w.job.job_id, w.blocked) for w in state.waiters] == [
+        ("w2", (("host-b", "r1"),)),
+        ("w3", (("host-c", "w2"),)),
+    ]
+    assert state.last_seq == 2
+
+
+def test_deadlock_changes_nothing_and_names_the_cycle() -> None:
+    """The hold-and-wait example: B's wait would close A -> B -> A. Nothing changes, no event."""
+    before, _ = run(State(), *HOLD_AND_WAIT)
+    after, answer = step(before, acquire("b2", "host-b", on(X, EXCLUSIVE), wait=True))
+    assert answer.outcome is Outcome.DEADLOCK
+    assert after == before
+    assert answer.revision == before.revision
+    assert answer.conflicts == ()
+    assert answer.cycle == (
+        "host-b (job b2) waits for job a1 of host-a; host-a (job a2) waits for job b1 of host-b"
+    )
+
+
+def test_lock_delay_ends_and_tallies() -> None:
+    """A lost holder's conflicts carry the end of its delay; the tallies count it as a holder;
+    a clean release leaves nothing behind."""
+    state, answers = run(
+        State(lock_delay_ms=500),
+        acquire("w", "host-a", on(A, WRITER), on(B, READER)),
+        acquire("s", "host-b", on(A, SHARER)),
+        ForceReleaseRequest("w", now_ms=1000),
+        ExpireRequest("s", now_ms=2000),
+    )
+    assert [a.delay_end_ms for a in answers[2:]] == [1500, 2500]
+    assert {job_id: end for job_id, (_, end) in state.delays.items()} == {"w": 1500, "s": 2500}
+    lost = [state.delays["w"][0], state.delays["s"][0]]
+    assert state.tallies(A) == tallies(lost, A)
+    assert state.tallies(A)[Action.MODIFY_VISIBLE_DATA] == Tally(required_by=1, not_allowed_by=1)
+    assert state.tallies(B) == tallies(lost[:1], B)
+    _, answer = step(state, acquire("x", "host-c", on(A, EXCLUSIVE)))
+    assert {(c.holder_job_id, c.until_ms) for c in answer.conflicts} == {("w", 1500), ("s", 2500)}
+    assert all(c.kind is DELAY for c in answer.conflicts)
+    _, released = step(state, ReleaseRequest("nope", "host-a"))
+    assert released.delay_end_ms == 0
+
+
+def test_update_keeps_token_and_lease() -> None:
+    """A conversion changes only the node list: same token, acquisition time and lease."""
+    state, _ = run(
+        State(), AcquireRequest("j", "host-a", "commit", nodes_of(on(A, READER)), 30, now_ms=7)
+    )
+    after, answer = step(state, UpdateRequest("j", "host-a", nodes_of(on(B, WRITER))))
+    assert answer.outcome is Outcome.UPDATED
+    assert answer.job == Job(
+        "j", "host-a", "commit", nodes_of(on(B, WRITER)), 1, acquired_ms=7, expires_ms=37, ttl_ms=30
+    )
+    assert after.jobs["j"] == answer.job
+    assert after.last_token == 1
+
+
+def test_events_of_jobs_over_time() -> None:
+    """Every change takes the next revision and appends one event, whatever its kind."""
+    state, _ = run(
+        State(lock_delay_ms=10),
+        *QUEUE,
+        UpdateRequest("r1", "host-a", nodes_of(on(A, SHARER))),
+        acquire("x", "host-c", on(B, EXCLUSIVE), wait=True),
+        acquire("w1", "host-b", on(A, WRITER)),
+        ForceReleaseRequest("x"),
+        EndDelayRequest("x"),
+        acquire("q", "host-a", on(A, EXCLUSIVE), wait=True),
+        UnwaitRequest("q"),
+    )
+    assert [(e.revision, e.type, e.job_id) for e in state.events] == [
+        (1, EventType.ACQUIRED, "r1"),
+        (2, EventType.WAITING, "w1"),
+        (3, EventType.UPDATED, "r1"),
+        (4, EventType.ACQUIRED, "x"),
+        (5, EventType.ACQUIRED, "w1"),
+        (6, EventType.FORCE_RELEASED, "x"),
+        (7, EventType.LOCK_DELAY_ENDED, "x"),
+        (8, EventType.WAITING, "q"),
+        (9, EventType.WAIT_ENDED, "q"),
+    ]
+    assert [e.name for e in EventType] == [
+        "ACQUIRED",
+        "RELEASED",
+        "EXPIRED",
+        "UPDATED",
+        "FORCE_RELEASED",
+        "WAITING",
+        "WAIT_ENDED",
+        "LOCK_DELAY_ENDED",
+    ]
+
+
+# --- Random histories ----------------------------------------------------------------------------
+
+ids = st.sampled_from(["j0", "j1", "j2", "j3", "j4"])
+owners = st.sampled_from(["host-a", "host-b", "host-c"])
+history_nodes = st.lists(
+    st.tuples(st.sampled_from([A, B, C]), masks, masks),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda n: n[0],
+).map(lambda found: nodes_of(*found))
+requests: st.SearchStrategy[Request] = st.one_of(
+    st.builds(
+        AcquireRequest,
+        ids,
+        owners,
+        st.just("op"),
+        history_nodes,
+        dry_run=st.booleans(),
+        wait=st.booleans(),
+    ),
+    st.builds(ReleaseRequest, ids, owners),
+    st.builds(ExpireRequest, ids),
+    st.builds(ForceReleaseRequest, ids),
+    st.builds(EndDelayRequest, ids),
+    st.builds(UnwaitRequest, ids),
+    st.builds(UpdateRequest, ids, owners, history_nodes, dry_run=st.booleans()),
+)
+
+
+def compatible(one: NodeAccess, other: NodeAccess) -> bool:
+    return not (one.require & ~other.allow or other.require & ~one.allow)
+
+
+@given(st.lists(requests, max_size=40))
+def test_random_histories_keep_the_invariants(history: list[Request]) -> None:
+    """Whatever happens: holders and lost holders never conflict; an id is held, queued or lost,
+    never two of these; the queue is in seq order; revisions count the events; loosening a held
+    job is always granted."""
+    state = State(lock_delay_ms=5)
+    for request in history:
+        state, _ = step(state, request)
+        blocking = [*state.jobs.values(), *(job for job, _ in state.delays.values())]
+        for i, one in enumerate(blocking):
+            for other in blocking[i + 1 :]:
+                for access in one.nodes:
+                    held = other.access_to(access.node)
+                    assert held is None or compatible(access, held), (one, other)
+        queued = [w.job.job_id for w in state.waiters]
+        assert len(set(queued)) == len(queued)
+        assert not set(queued) & set(state.jobs)
+        assert not set(state.delays) & (set(queued) | set(state.jobs))
+        seqs = [w.seq for w in state.waiters]
+        assert seqs == sorted(seqs) and all(0 < seq <= state.last_seq for seq in seqs)
+        assert [e.revision for e in state.events] == list(range(1, state.revision + 1))
+        tokens = [job.fencing_token for job in state.jobs.values()]
+        assert all(0 < token <= state.last_token for token in tokens)
+        assert len(set(tokens)) == len(tokens)
+    for job in state.jobs.values():
+        looser = tuple(NodeAccess(a.node, 0, ALL_MASK) for a in job.nodes[:1])
+        _, answer = step(state, UpdateRequest(job.job_id, job.owner, looser))
+        assert answer.outcome in (Outcome.UPDATED, Outcome.UNCHANGED)

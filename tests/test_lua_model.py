@@ -1,0 +1,728 @@
+"""The real Lua scripts, driven through Store against real Redis, agree with nac_server.model.
+
+The state machine below runs every request the store serves: acquire (with and without a wait,
+dry runs, retries and re-checks of queued jobs), update, unwait, release, expire, force-release
+and the end of a lock-delay. After every step it compares the answer and the whole stored state
+with the model: holders, waiters in queue order, each node's tallies, queue and lock-delays, the
+event stream and the set of Redis keys.
+
+CONTENDED events are rate-limited by the store's clock, so the model does not have them; they
+still take revisions. A store revision R is therefore compared as the number of other events with
+a revision up to R, and the CONTENDED events are checked on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable
+from dataclasses import replace
+from typing import TypeVar, cast
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import event as note_event
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from redis.asyncio import Redis
+
+from nac_server import model
+from nac_server.embedded import RedisProcess
+from nac_server.model import (
+    ALL_MASK,
+    AcquireRequest,
+    Action,
+    Conflict,
+    ConflictKind,
+    EndDelayRequest,
+    ExpireRequest,
+    ForceReleaseRequest,
+    Job,
+    NodeAccess,
+    Outcome,
+    ReleaseRequest,
+    Request,
+    Response,
+    State,
+    UnwaitRequest,
+    UpdateRequest,
+)
+from nac_server.store import NAMESPACES_KEY, Keys, Store, StoredEvent, Waiter
+
+T = TypeVar("T")
+
+NS = "prop"
+NODES = ["/vol/a.qcow2", "/vol/b.qcow2", "/vol/c.qcow2", "/vol/d.qcow2"]
+OWNERS = ["host-a", "host-b", "host-c"]
+OPERATIONS = ["commit", "mirror", "backup"]
+JOB_IDS = [f"j{i}" for i in range(8)]
+# Long enough that no lease, wait, waiter liveness or lock-delay runs out on its own during a run;
+# expiry and the end of a delay are forced through their zsets.
+TTL_MS = 3_600_000
+WAIT_MS = 60_000
+LOCK_DELAY_MS = 600_000
+LIVENESS_MS = 600_000
+# The model's lock-delay: any positive value; the delay's end is compared loosely.
+MODEL_LOCK_DELAY_MS = 1
+
+READS = Action.READ_VISIBLE_DATA.bit | Action.READ_METADATA.bit
+WRITE = Action.MODIFY_VISIBLE_DATA.bit
+GRAPH = Action.GRAPH_RECONFIG.bit
+RESIZE = Action.RESIZE.bit
+LIVE_KINDS = (ConflictKind.HOLDER_DOES_NOT_ALLOW, ConflictKind.HOLDER_REQUIRES)
+# Uniform masks conflict almost always. Two thirds of the draws take the usual shapes (need
+# little, share much), so that several jobs hold one node and the aggregate counts must follow
+# each of them out again.
+usual_requires = st.sampled_from([0, READS, Action.READ_METADATA.bit, WRITE | READS, RESIZE, GRAPH])
+usual_allows = st.sampled_from(
+    [ALL_MASK, ALL_MASK & ~RESIZE, ALL_MASK & ~WRITE, ALL_MASK & ~GRAPH, READS | WRITE]
+)
+require_masks = st.one_of(usual_requires, usual_requires, st.integers(0, ALL_MASK))
+allow_masks = st.one_of(usual_allows, usual_allows, st.integers(0, ALL_MASK))
+node_lists = st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True).flatmap(
+    lambda names: st.tuples(
+        *(st.builds(NodeAccess, st.just(name), require_masks, allow_masks) for name in names)
+    )
+)
+
+# What the runs reached, over every example of the stateful test.
+REACHED: Counter[str] = Counter()
+# Branches a run must reach, or it proves little.
+MUST_REACH = (
+    "acquire GRANTED",
+    "acquire REFUSED",
+    "acquire QUEUED (new waiter)",
+    "acquire QUEUED (re-check kept its place)",
+    "acquire GRANTED from the queue",
+    "acquire DEADLOCK",
+    "conflict LOCK_DELAY",
+    "conflict WAITING_AHEAD",
+    "update UPDATED",
+    "update REFUSED",
+    "update UNCHANGED",
+    "unwait left",
+    "expire into lock-delay",
+    "force-release into lock-delay",
+    "lock-delay ended",
+    "CONTENDED event",
+)
+
+
+JobKey = tuple[str, str, str, tuple[NodeAccess, ...], int]
+
+
+def job_key(job: Job) -> JobKey:
+    """What Redis and the model must agree on; the times belong to Redis's clock alone."""
+    return (job.job_id, job.owner, job.operation, tuple(sorted(job.nodes)), job.fencing_token)
+
+
+def loose(conflicts: tuple[Conflict, ...]) -> list[Conflict]:
+    """Conflicts with the end of any lock-delay left out (the model has no clock)."""
+    return sorted(replace(c, until_ms=0) for c in conflicts)
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    # redis-py types its commands as Awaitable, and run_until_complete wants a coroutine.
+    return await awaitable
+
+
+class LuaModelMachine(RuleBasedStateMachine):
+    url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.redis: Redis = self.run(self._connect())
+        self.run(self.redis.flushall())
+        self.store = Store(self.redis, lock_delay_ms=LOCK_DELAY_MS, waiter_liveness_ms=LIVENESS_MS)
+        # The Lua keeps a lost job's id taken until its delay ends (see the model's State).
+        self.state = State(lock_delay_ms=MODEL_LOCK_DELAY_MS)
+        self.keys = Keys(NS)
+        self.registered = False
+        # Every stored event so far, as (revision, type), and the last revision read.
+        self.stored_events: list[tuple[int, str]] = []
+        # (holder id, waiter id) -> the store's time of the pair's last CONTENDED event.
+        self.contended_at: dict[tuple[str, str], int] = {}
+
+    async def _connect(self) -> Redis:
+        return Redis.from_url(self.url, decode_responses=True)
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(_awaited(awaitable))
+
+    def teardown(self) -> None:
+        self.run(self.redis.aclose())
+        self.loop.close()
+
+    def reach(self, branch: str) -> None:
+        REACHED[branch] += 1
+        note_event(branch)
+
+    # --- revisions and events ---------------------------------------------------------------
+
+    def store_time_ms(self) -> int:
+        seconds, micros = self.run(self.redis.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def read_new_events(self) -> list[StoredEvent]:
+        seen = self.stored_events[-1][0] if self.stored_events else 0
+        new = self.run(self.store.events(NS, seen + 1, 100_000))
+        self.stored_events += [(e.revision, e.type) for e in new]
+        return new
+
+    def modelled_revision(self, revision: int) -> int:
+        """The model's revision for a store revision: the events up to it but CONTENDED."""
+        return sum(1 for r, kind in self.stored_events if r <= revision and kind != "CONTENDED")
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def check(self, request: Request, stored: Response, started_ms: int) -> Response:
+        """Step the model with request and compare its answer with the store's."""
+        self.state, expected = model.step(self.state, request)
+        self.check_contention(request, stored, started_ms)
+        assert stored.outcome is expected.outcome, (stored, expected)
+        assert self.modelled_revision(stored.revision) == expected.revision, (stored, expected)
+        assert loose(stored.conflicts) == loose(expected.conflicts), (stored, expected)
+        for conflict in stored.conflicts:
+            assert (conflict.until_ms > 0) == (conflict.kind is ConflictKind.LOCK_DELAY), conflict
+        assert stored.positions == expected.positions, (stored, expected)
+        assert bool(stored.cycle) == bool(expected.cycle), (stored, expected)
+        assert (stored.delay_end_ms > 0) == (expected.delay_end_ms > 0), (stored, expected)
+        assert (stored.job is None) == (expected.job is None), (stored, expected)
+        if stored.job is not None and expected.job is not None:
+            assert job_key(stored.job) == job_key(expected.job), (stored, expected)
+        kinds = {conflict.kind for conflict in expected.conflicts}
+        for kind in (ConflictKind.LOCK_DELAY, ConflictKind.WAITING_AHEAD):
+            if kind in kinds:
+                self.reach(f"conflict {kind.name}")
+        return expected
+
+    def check_contention(self, request: Request, stored: Response, started_ms: int) -> None:
+        """The CONTENDED events a call appended: only for refusals and queuing, one per live
+        holder in the way and per second, each with that holder's conflicts."""
+        contended = [event for event in self.read_new_events() if event.type == "CONTENDED"]
+        may_contend = (
+            isinstance(request, AcquireRequest | UpdateRequest)
+            and not request.dry_run
+            and stored.outcome in (Outcome.REFUSED, Outcome.QUEUED)
+        )
+        if not may_contend:
+            assert contended == [], (request, contended)
+            return
+        assert isinstance(request, AcquireRequest | UpdateRequest)
+        if contended:
+            self.reach("CONTENDED event")
+        holders = {c.holder_job_id for c in stored.conflicts if c.kind in LIVE_KINDS}
+        named = [event.job.job_id for event in contended]
+        assert len(named) == len(set(named)) and set(named) <= holders, (named, holders)
+        for event in contended:
+            assert event.contention is not None
+            assert event.contention.waiter.job_id == request.job_id
+            carried = list(event.contention.conflicts)
+            wanted = [
+                c
+                for c in stored.conflicts
+                if c.holder_job_id == event.job.job_id and c.kind in LIVE_KINDS
+            ]
+            assert carried == wanted, (event, stored)
+        # At most one event per pair per second of the store's clock; a pair's first never waits.
+        for holder in holders:
+            pair = (holder, request.job_id)
+            emitted = next((e for e in contended if e.job.job_id == holder), None)
+            if emitted is None:
+                assert pair in self.contended_at, pair
+                assert started_ms - self.contended_at[pair] < 1000, pair
+                continue
+            if pair in self.contended_at:
+                assert emitted.time_ms - self.contended_at[pair] >= 1000, pair
+            self.contended_at[pair] = emitted.time_ms
+
+    def do_acquire(self, request: AcquireRequest) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(
+            self.store.acquire(
+                NS,
+                request.job_id,
+                request.owner,
+                request.operation,
+                request.nodes,
+                TTL_MS,
+                dry_run=request.dry_run,
+                wait_ms=WAIT_MS if request.wait else 0,
+            )
+        )
+        if not request.dry_run:
+            self.registered = True
+        was_queued = self.state.waiter(request.job_id) is not None and not request.dry_run
+        expected = self.check(request, stored, started)
+        branch = f"acquire {expected.outcome.name}"
+        if expected.outcome is Outcome.QUEUED:
+            branch += " (re-check kept its place)" if was_queued else " (new waiter)"
+        if expected.outcome is Outcome.GRANTED and was_queued:
+            self.reach("acquire GRANTED from the queue")
+        self.reach(branch)
+        return stored
+
+    def end_delay(self, job_id: str) -> None:
+        """Time passes for the lock-delay of job_id, and only for it; the sweep ends it."""
+        self.run(self.redis.zadd(self.keys.ghosts, {job_id: 0}))
+        due = self.run(self.store.due(NS))
+        assert (due.jobs, due.waiters) == ((), ())
+        assert [job.job_id for job in due.delays] == [job_id]
+        for lost in due.delays:
+            assert job_key(lost) == job_key(self.state.delays[job_id][0])
+            started = self.store_time_ms()
+            ended = self.run(self.store.end_delay(NS, lost))
+            assert ended
+            # end_delay answers a bool; its revision is that of its event, the current one.
+            revision = self.run(self.store.revision(NS))
+            self.check(
+                EndDelayRequest(lost.job_id), Response(Outcome.RELEASED, revision, lost), started
+            )
+            self.reach("lock-delay ended")
+
+    # --- rules --------------------------------------------------------------------------------
+
+    @rule(
+        job_id=st.sampled_from(JOB_IDS),
+        owner=st.sampled_from(OWNERS),
+        operation=st.sampled_from(OPERATIONS),
+        nodes=node_lists,
+        dry_run=st.booleans(),
+        wait=st.booleans(),
+    )
+    def acquire(
+        self,
+        job_id: str,
+        owner: str,
+        operation: str,
+        nodes: tuple[NodeAccess, ...],
+        dry_run: bool,
+        wait: bool,
+    ) -> None:
+        self.do_acquire(AcquireRequest(job_id, owner, operation, nodes, dry_run=dry_run, wait=wait))
+
+    @rule(
+        job_id=st.sampled_from(JOB_IDS),
+        owner=st.sampled_from(OWNERS),
+        nodes=node_lists,
+    )
+    def acquire_waiting(self, job_id: str, owner: str, nodes: tuple[NodeAccess, ...]) -> None:
+        """Acquire with a wait, a second rule so that queues form often."""
+        self.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, wait=True))
+
+    @precondition(lambda self: bool(self.state.waiters))
+    @rule(data=st.data(), wait=st.booleans())
+    def recheck_waiter(self, data: st.DataObject, wait: bool) -> None:
+        """The waiting call checks again, in its place in the queue (with or without a wait)."""
+        waiter = data.draw(st.sampled_from(self.state.waiters))
+        nodes = data.draw(st.permutations(waiter.job.nodes))
+        request = AcquireRequest(
+            waiter.job.job_id, waiter.job.owner, waiter.job.operation, tuple(nodes), wait=wait
+        )
+        answer = self.do_acquire(request)
+        assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
+
+    @precondition(lambda self: len({job.owner for job in self.state.jobs.values()}) > 1)
+    @rule(data=st.data(), ids=st.permutations(JOB_IDS))
+    def hold_and_wait(self, data: st.DataObject, ids: list[str]) -> None:
+        """Two owners each wait, exclusively, for a node the other holds: the second wait closes
+        a cycle unless something else decides first."""
+        first = data.draw(st.sampled_from(sorted(self.state.jobs)))
+        owner = self.state.jobs[first].owner
+        others = sorted(i for i, job in self.state.jobs.items() if job.owner != owner)
+        second = data.draw(st.sampled_from(others))
+        free = [i for i in ids if i not in self.state.jobs]
+        if len(free) < 2:
+            return
+        for job_id, waiting, held in ((free[0], first, second), (free[1], second, first)):
+            node = data.draw(st.sampled_from(self.state.jobs[held].nodes)).node
+            waiter = self.state.jobs[waiting].owner
+            self.do_acquire(
+                AcquireRequest(job_id, waiter, "commit", (NodeAccess(node, WRITE, 0),), wait=True)
+            )
+
+    @precondition(lambda self: bool(self.state.waiters) and bool(self.state.jobs))
+    @rule(data=st.data())
+    def free_a_waiter(self, data: st.DataObject) -> None:
+        """The holders in a waiter's way release their jobs, and the waiter checks again: it is
+        granted unless a lock-delay or an earlier waiter still keeps it out."""
+        waiter = data.draw(st.sampled_from(self.state.waiters))
+        in_the_way = self.state.conflicts(waiter.job.nodes, seq=waiter.seq)
+        for job_id in sorted({c.holder_job_id for c in in_the_way if c.kind in LIVE_KINDS}):
+            owner = self.state.jobs[job_id].owner
+            started = self.store_time_ms()
+            stored = self.run(self.store.release(NS, job_id, owner))
+            self.check(ReleaseRequest(job_id, owner), stored, started)
+        job = waiter.job
+        answer = self.do_acquire(AcquireRequest(job.job_id, job.owner, job.operation, job.nodes))
+        assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
+
+    @precondition(lambda self: bool(self.state.jobs) or bool(self.state.waiters))
+    @rule(
+        data=st.data(),
+        change=st.sampled_from(["none", "none", "owner", "operation", "mask", "nodes"]),
+    )
+    def acquire_known_id(self, data: st.DataObject, change: str) -> None:
+        """Reuse a held or queued id, nodes shuffled and, unless change is none, one part
+        altered."""
+        known = [*self.state.jobs.values(), *(w.job for w in self.state.waiters)]
+        held = data.draw(st.sampled_from(known))
+        owner, operation = held.owner, held.operation
+        nodes = list(data.draw(st.permutations(held.nodes)))
+        if change == "owner":
+            owner = data.draw(st.sampled_from([o for o in OWNERS if o != owner]))
+        elif change == "operation":
+            operation = data.draw(st.sampled_from([o for o in OPERATIONS if o != operation]))
+        elif change == "mask":
+            index = data.draw(st.integers(0, len(nodes) - 1))
+            flip = data.draw(st.integers(1, ALL_MASK))
+            target = nodes[index]
+            nodes[index] = (
+                NodeAccess(target.node, target.require ^ flip, target.allow)
+                if data.draw(st.booleans())
+                else NodeAccess(target.node, target.require, target.allow ^ flip)
+            )
+        elif change == "nodes":
+            names = data.draw(
+                st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True).filter(
+                    lambda names: sorted(names) != sorted(a.node for a in held.nodes)
+                )
+            )
+            kept = {access.node: access for access in held.nodes}
+            nodes = [kept.get(name, NodeAccess(name, 0, ALL_MASK)) for name in names]
+        queued = held.job_id not in self.state.jobs
+        request = AcquireRequest(
+            held.job_id, owner, operation, tuple(nodes), wait=data.draw(st.booleans())
+        )
+        answer = self.do_acquire(request)
+        if change != "none":
+            assert answer.outcome is Outcome.ALREADY_EXISTS
+        elif queued:
+            assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
+        else:
+            assert answer.outcome is Outcome.EXISTING
+
+    @precondition(lambda self: bool(self.state.jobs))
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(
+            ["random", "loosen", "loosen", "tighten", "contest", "contest", "same", "unknown"]
+        ),
+        right_owner=st.integers(0, 4),
+        other_owner=st.sampled_from(OWNERS),
+        dry_run=st.integers(0, 3),
+    )
+    def update(
+        self, data: st.DataObject, how: str, right_owner: int, other_owner: str, dry_run: int
+    ) -> None:
+        """Convert a held job (mostly by its owner): a new node list, the same one shuffled,
+        loosened (always granted) or tightened (often refused); or an id that is not held."""
+        job = self.state.jobs[data.draw(st.sampled_from(sorted(self.state.jobs)))]
+        job_id = job.job_id
+        nodes: tuple[NodeAccess, ...] = tuple(data.draw(st.permutations(job.nodes)))
+        masks = st.integers(0, ALL_MASK)
+        if how == "unknown":
+            job_id = data.draw(st.sampled_from([i for i in JOB_IDS if i not in self.state.jobs]))
+            nodes = data.draw(node_lists)
+        elif how == "random":
+            nodes = data.draw(node_lists)
+        elif how == "loosen":
+            # Fewer nodes, fewer requires, more allows: always granted.
+            kept = data.draw(st.lists(st.sampled_from(nodes), min_size=1, unique=True))
+            nodes = tuple(
+                NodeAccess(a.node, a.require & data.draw(masks), a.allow | data.draw(masks))
+                for a in kept
+            )
+        elif how == "contest":
+            # Also take, exclusively, a node that another holder or a lock-delay blocks.
+            others = [j for j in self.state.jobs.values() if j.job_id != job_id]
+            others += [lost for lost, _ in self.state.delays.values()]
+            if others:
+                other = data.draw(st.sampled_from(others))
+                taken = data.draw(st.sampled_from(other.nodes)).node
+                nodes = (*(a for a in nodes if a.node != taken), NodeAccess(taken, ALL_MASK, 0))
+        elif how == "tighten":
+            nodes = tuple(
+                NodeAccess(a.node, a.require | data.draw(masks), a.allow & data.draw(masks))
+                for a in nodes
+            )
+        held = self.state.jobs.get(job_id)
+        owner = held.owner if held is not None and right_owner else other_owner
+        # A dry run one time in four.
+        request = UpdateRequest(job_id, owner, nodes, dry_run=not dry_run)
+        started = self.store_time_ms()
+        stored = self.run(self.store.update(NS, job_id, owner, nodes, dry_run=request.dry_run))
+        expected = self.check(request, stored, started)
+        self.reach(f"update {expected.outcome.name}")
+        if held is not None and owner == held.owner:
+            if how == "loosen":
+                assert expected.outcome in (Outcome.UPDATED, Outcome.UNCHANGED, Outcome.WOULD_GRANT)
+            if how == "same":
+                assert expected.outcome is Outcome.UNCHANGED
+
+    @precondition(lambda self: bool(self.state.waiters))
+    @rule(data=st.data())
+    def unwait(self, data: st.DataObject) -> None:
+        """A waiting call gives up (its wait ended or its client went away); sometimes for an id
+        that is not queued."""
+        ids = st.sampled_from([w.job.job_id for w in self.state.waiters]) | st.sampled_from(JOB_IDS)
+        job_id = data.draw(ids)
+        queued = self.state.waiter(job_id)
+        # The arbiter builds its Waiter from the request; the script checks the nodes.
+        job = (
+            queued.job if queued is not None else Job(job_id, "host-a", "op", data.draw(node_lists))
+        )
+        started = self.store_time_ms()
+        left = self.run(self.store.unwait(NS, Waiter(job, 0, 0), "leave"))
+        revision = self.run(self.store.revision(NS))
+        stored = (
+            Response(Outcome.RELEASED, revision, job)
+            if left
+            else Response(Outcome.NOT_HELD, revision)
+        )
+        self.check(UnwaitRequest(job_id), stored, started)
+        if left:
+            self.reach("unwait left")
+
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(["release", "release", "release", "force"]),
+        right_owner=st.integers(0, 3),
+        other_owner=st.sampled_from(OWNERS),
+    )
+    def end_job(self, data: st.DataObject, how: str, right_owner: int, other_owner: str) -> None:
+        """Release (mostly by its owner) or force-release, often of an id that is not held."""
+        # Half the time a held job, else any id of the pool (often one that is not held).
+        ids = st.sampled_from(JOB_IDS)
+        if self.state.jobs:
+            ids = st.sampled_from(sorted(self.state.jobs)) | ids
+        job_id = data.draw(ids)
+        held = self.state.jobs.get(job_id)
+        started = self.store_time_ms()
+        if how == "force":
+            stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
+            expected = self.check(ForceReleaseRequest(job_id), stored, started)
+            if expected.outcome is Outcome.RELEASED:
+                self.reach("force-release into lock-delay")
+            return
+        owner = held.owner if held is not None and right_owner else other_owner
+        stored = self.run(self.store.release(NS, job_id, owner))
+        self.check(ReleaseRequest(job_id, owner), stored, started)
+
+    @precondition(lambda self: bool(self.state.jobs))
+    @rule(data=st.data(), force=st.booleans())
+    def lose_job(self, data: st.DataObject, force: bool) -> None:
+        """A held job's lease runs out, or an operator ends it: its nodes go into lock-delay."""
+        job_id = data.draw(st.sampled_from(sorted(self.state.jobs)))
+        if not force:
+            self.expire(job_id)
+            return
+        started = self.store_time_ms()
+        stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
+        self.check(ForceReleaseRequest(job_id), stored, started)
+        self.reach("force-release into lock-delay")
+
+    def expire(self, job_id: str) -> None:
+        # Stands in for time passing: this lease, and only this one, has run out.
+        self.run(self.redis.zadd(self.keys.leases, {job_id: 0}))
+        due = self.run(self.store.due(NS))
+        assert [job.job_id for job in due.jobs] == [job_id]
+        assert (due.waiters, due.delays) == ((), ())
+        for job in due.jobs:
+            started = self.store_time_ms()
+            stored = self.run(self.store.expire(NS, job))
+            self.check(ExpireRequest(job.job_id), stored, started)
+            self.reach("expire into lock-delay")
+
+    @precondition(lambda self: bool(self.state.delays))
+    @rule(data=st.data())
+    def delay_ends(self, data: st.DataObject) -> None:
+        self.end_delay(data.draw(st.sampled_from(sorted(self.state.delays))))
+
+    # --- the whole state ----------------------------------------------------------------------
+
+    @invariant()
+    def jobs_and_waiters_match(self) -> None:
+        revision, jobs, waiters = self.run(self.store.snapshot(NS))
+        assert self.modelled_revision(revision) == self.state.revision
+        assert [job_key(job) for job in jobs] == [
+            job_key(self.state.jobs[job_id]) for job_id in sorted(self.state.jobs)
+        ]
+        assert [(job_key(w.job), w.seq) for w in waiters] == [
+            (job_key(w.job), w.seq) for w in self.state.waiters
+        ]
+        # Plain ZRANGE without scores: a list of members, whatever the union type says.
+        leases = cast(list[str], self.run(self.redis.zrange(self.keys.leases, 0, -1)))
+        assert sorted(leases) == sorted(self.state.jobs)
+        waitexp = cast(list[str], self.run(self.redis.zrange(self.keys.waitexp, 0, -1)))
+        assert sorted(waitexp) == sorted(w.job.job_id for w in self.state.waiters)
+        ghosts = cast(list[str], self.run(self.redis.zrange(self.keys.ghosts, 0, -1)))
+        assert sorted(ghosts) == sorted(self.state.delays)
+
+    @invariant()
+    def nodes_match(self) -> None:
+        jobs = list(self.state.jobs.values())
+        for name in NODES:
+            view = self.run(self.store.node(NS, name))
+            assert self.modelled_revision(view.revision) == self.state.revision
+            assert view.tallies == self.state.tallies(name), name
+            assert [job_key(job) for job in view.holders] == sorted(
+                job_key(job) for job in jobs if job.access_to(name) is not None
+            )
+            assert [w.job.job_id for w in view.waiters] == [
+                w.job.job_id for w in self.state.queue(name)
+            ], name
+            assert sorted(job_key(delay.job) for delay in view.delays) == sorted(
+                job_key(lost)
+                for lost, _ in self.state.delays.values()
+                if lost.access_to(name) is not None
+            ), name
+
+    @invariant()
+    def events_match(self) -> None:
+        events = self.run(self.store.events(NS, 1, 100_000))
+        assert [(e.revision, e.type) for e in events] == self.stored_events
+        assert [e.revision for e in events] == list(range(1, len(events) + 1))
+        modelled = [
+            (self.modelled_revision(e.revision), e.type, e.job.job_id)
+            for e in events
+            if e.type != "CONTENDED"
+        ]
+        assert modelled == [(e.revision, e.type.name, e.job_id) for e in self.state.events]
+
+    @invariant()
+    def no_other_keys(self) -> None:
+        keys = self.keys
+        state = self.state
+        held = {access.node for job in state.jobs.values() for access in job.nodes}
+        lost = {access.node for job, _ in state.delays.values() for access in job.nodes}
+        queued = {access.node for w in state.waiters for access in w.job.nodes}
+        expected = {keys.node(name) for name in held | lost} | {keys.queue(n) for n in queued}
+        if self.registered:
+            expected.add(NAMESPACES_KEY)
+        if state.jobs:
+            expected |= {keys.jobs, keys.leases}
+        if self.stored_events:
+            expected |= {keys.revision, keys.events}
+        if state.last_token:
+            expected.add(keys.fence)
+        if state.waiters:
+            expected |= {keys.waiters, keys.waitexp}
+        if state.last_seq:
+            expected.add(keys.waitseq)
+        if state.delays:
+            expected |= {keys.ghosts, keys.ghostjobs}
+        if any(kind == "CONTENDED" for _, kind in self.stored_events):
+            expected.add(keys.contended)
+        assert set(self.run(self.redis.keys("*"))) == expected
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_process: RedisProcess) -> str:
+    return redis_process.url
+
+
+def test_lua_scripts_match_the_model(redis_url: str) -> None:
+    """Every answer and the whole stored state match the model after every step, and the runs
+    reach every interesting branch."""
+
+    class Bound(LuaModelMachine):
+        url = redis_url
+
+    REACHED.clear()
+    run_state_machine_as_test(
+        Bound,
+        settings=settings(
+            max_examples=80,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+    missing = [branch for branch in MUST_REACH if not REACHED[branch]]
+    assert not missing, f"{missing} not reached; reached: {sorted(REACHED.items())}"
+    print("branches reached:", dict(sorted(REACHED.items())))
+
+
+async def test_acquire_recovers_from_script_flush(store: Store, redis: Redis) -> None:
+    """After SCRIPT FLUSH the scripts are loaded again and an acquire still works."""
+    node = [NodeAccess("/vol/a.qcow2", READS, ALL_MASK)]
+    first = await store.acquire(NS, "j0", "host-a", "backup", node, TTL_MS)
+    assert first.outcome is Outcome.GRANTED
+    await redis.script_flush()
+    sha = store.scripts.acquire.sha
+    assert await redis.script_exists(sha) == [False]
+    second = await store.acquire(NS, "j1", "host-b", "backup", node, TTL_MS)
+    assert second.outcome is Outcome.GRANTED
+    assert second.job is not None
+    assert second.job.fencing_token == 2
+    assert await redis.script_exists(sha) == [True]
+
+
+async def test_retried_acquire_takes_no_token(store: Store) -> None:
+    """A retried acquire answers EXISTING with the same token; the next new job gets token + 1."""
+    nodes = [
+        NodeAccess("/vol/a.qcow2", READS, ALL_MASK),
+        NodeAccess("/vol/b.qcow2", READS, READS),
+    ]
+    granted = await store.acquire(NS, "j0", "host-a", "mirror", nodes, TTL_MS)
+    assert granted.outcome is Outcome.GRANTED
+    assert granted.job is not None
+    for attempt in (nodes, nodes[::-1]):
+        retried = await store.acquire(NS, "j0", "host-a", "mirror", attempt, TTL_MS)
+        assert retried.outcome is Outcome.EXISTING
+        assert retried.revision == granted.revision
+        assert retried.job == granted.job
+    following = await store.acquire(
+        NS, "j1", "host-b", "commit", [NodeAccess("/vol/c.qcow2", 0, 0)], TTL_MS
+    )
+    assert following.outcome is Outcome.GRANTED
+    assert following.job is not None
+    assert following.job.fencing_token == granted.job.fencing_token + 1
+    assert following.revision == granted.revision + 1
+
+
+async def test_contention_of_a_recheck_names_the_right_node(store: Store) -> None:
+    """A queued job checked again with its nodes listed in another order: the CONTENDED event
+    for a holder that is new in its way names the node that holder is on. (The store used to
+    index the conflicts by the call's order but send the queued record's.)"""
+    write, read = WRITE, Action.READ_VISIBLE_DATA.bit
+    a, b, c = "/a", "/b", "/c"
+    await store.acquire(NS, "h0", "o1", "op", [NodeAccess(a, write, 0)], TTL_MS)
+    await store.acquire(NS, "h1", "o1", "op", [NodeAccess(c, 0, ALL_MASK)], TTL_MS)
+    queued = await store.acquire(
+        NS,
+        "j2",
+        "o2",
+        "op",
+        [NodeAccess(a, read, ALL_MASK), NodeAccess(b, read, ALL_MASK)],
+        TTL_MS,
+        wait_ms=WAIT_MS,
+    )
+    assert queued.outcome is Outcome.QUEUED
+    # A conversion goes ahead of the queue: h1 now keeps j2 out of b too.
+    updated = await store.update(NS, "h1", "o1", [NodeAccess(b, write, 0)])
+    assert updated.outcome is Outcome.UPDATED
+    again = await store.acquire(
+        NS,
+        "j2",
+        "o2",
+        "op",
+        [NodeAccess(b, read, ALL_MASK), NodeAccess(a, read, ALL_MASK)],
+        TTL_MS,
+        wait_ms=WAIT_MS,
+    )
+    assert again.outcome is Outcome.QUEUED
+    assert {(c.node, c.holder_job_id) for c in again.conflicts} == {(a, "h0"), (b, "h1")}
+    events = await store.events(NS, 1, 100)
+    last = [e for e in events if e.type == "CONTENDED"][-1]
+    assert last.job.job_id == "h1"
+    assert last.contention is not None
+    assert [c.node for c in last.contention.conflicts] == [b]

@@ -51,6 +51,9 @@ class EventHub:
     @contextlib.asynccontextmanager
     async def subscribe(self, namespace: str) -> AsyncIterator[Subscription]:
         """Events of the namespace from now on; anything earlier is in the store's history."""
+        if self.closing.is_set():
+            # A feed started now would outlive the store connection it reads from.
+            raise ShuttingDown(0)
         feed = self._feeds.setdefault(namespace, _Feed())
         subscription = Subscription(asyncio.Queue(self._queue_size))
         feed.subscribers.add(subscription)

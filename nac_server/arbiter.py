@@ -257,9 +257,15 @@ class Arbiter:
         namespace = validation.namespace(request.namespace)
         job_id = validation.job_id(request.job_id)
         job = await self.store.job(namespace, job_id)
-        if job is None:
-            raise NotFound(namespace, job_id)
-        return convert.job(namespace, job)
+        if job is not None:
+            return convert.job(namespace, job)
+        # Not held: it may be waiting, and its queue positions need the whole queue.
+        _, _, waiters = await self.store.snapshot(namespace)
+        positions = convert.queue_positions(waiters)
+        for waiter in waiters:
+            if waiter.job.job_id == job_id:
+                return convert.waiter(namespace, waiter, positions[job_id])
+        raise NotFound(namespace, job_id)
 
     async def list_jobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
         namespace = validation.namespace(request.namespace)

@@ -183,6 +183,9 @@ async def test_waiter_is_granted_when_the_holder_releases_through_another_replic
     assert [(w.job_id, w.state, dict(w.queue_positions)) for w in state.waiters] == [
         ("mirror", pb.Job.WAITING, {"/a": 1})
     ]
+    waiting_job = await second.GetJob(pb.GetJobRequest(namespace=namespace, job_id="mirror"))
+    assert (waiting_job.state, dict(waiting_job.queue_positions)) == (pb.Job.WAITING, {"/a": 1})
+    assert waiting_job.fencing_token == 0 and waiting_job.wait_deadline.seconds > 0
     started = time.monotonic()
     await first.Release(pb.ReleaseRequest(namespace=namespace, job_id="commit", owner="host-a"))
     granted = await waiting

@@ -162,7 +162,7 @@ class NodeAccessControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """GetJob returns one current job, or NOT_FOUND.
+        """GetJob returns one current job, held or waiting (see Job.state), or NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

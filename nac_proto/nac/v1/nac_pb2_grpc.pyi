@@ -101,7 +101,7 @@ class NodeAccessControlStub:
     another owner ends the stream with PERMISSION_DENIED. A renewal never changes the revision.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_nac_pb2.GetJobRequest, _nac_pb2.Job]
-    """GetJob returns one current job, or NOT_FOUND."""
+    """GetJob returns one current job, held or waiting (see Job.state), or NOT_FOUND."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_nac_pb2.ListJobsRequest, _nac_pb2.ListJobsResponse]
     """ListJobs returns the current jobs of a namespace, filtered by node and owner when given."""
     GetNode: _grpc.UnaryUnaryMultiCallable[_nac_pb2.GetNodeRequest, _nac_pb2.NodeState]
@@ -186,7 +186,7 @@ class NodeAccessControlAsyncStub(NodeAccessControlStub):
     another owner ends the stream with PERMISSION_DENIED. A renewal never changes the revision.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_nac_pb2.GetJobRequest, _nac_pb2.Job]  # type: ignore[assignment]
-    """GetJob returns one current job, or NOT_FOUND."""
+    """GetJob returns one current job, held or waiting (see Job.state), or NOT_FOUND."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_nac_pb2.ListJobsRequest, _nac_pb2.ListJobsResponse]  # type: ignore[assignment]
     """ListJobs returns the current jobs of a namespace, filtered by node and owner when given."""
     GetNode: _aio.UnaryUnaryMultiCallable[_nac_pb2.GetNodeRequest, _nac_pb2.NodeState]  # type: ignore[assignment]
@@ -298,7 +298,7 @@ class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
         request: _nac_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nac_pb2.Job, _abc.Awaitable[_nac_pb2.Job]]:
-        """GetJob returns one current job, or NOT_FOUND."""
+        """GetJob returns one current job, held or waiting (see Job.state), or NOT_FOUND."""
 
     @_abc_1.abstractmethod
     def ListJobs(

@@ -6,7 +6,7 @@ Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 
 from redis.asyncio import Redis
@@ -35,19 +35,10 @@ class Scripts:
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
+        # One script file per field, named like it.
         return cls(
             **{
-                name: redis.register_script(script_source(name))
-                for name in (
-                    "acquire",
-                    "release",
-                    "renew",
-                    "due",
-                    "snapshot",
-                    "node",
-                    "update",
-                    "unwait",
-                    "undelay",
-                )
+                script.name: redis.register_script(script_source(script.name))
+                for script in fields(cls)
             }
         )

@@ -290,8 +290,7 @@ class Store:
             "existing": Outcome.EXISTING,
             "exists": Outcome.ALREADY_EXISTS,
         }[verdict]
-        text = reply[2]
-        job = decode_waiter(text).job if '"seq"' in text else decode_job(text)
+        job = decode_job(reply[2])
         if outcome is not Outcome.ALREADY_EXISTS:
             self._node_lists.remember(namespace, job)
         return Response(outcome, revision, job)

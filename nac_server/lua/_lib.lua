@@ -204,8 +204,9 @@ end
 
 -- Node keys are the namespace prefix + 'n:' + name, queue keys prefix + 'q:' + name. A caller
 -- that passed keys for other nodes than the record holds gets the record back and calls again.
-local function node_keys_match(prefix, record, first, kinds)
-  if #KEYS - first + 1 ~= #record.nodes * #kinds then
+-- The record's keys start at KEYS[first] and take `slots` places (default: all the rest).
+local function node_keys_match(prefix, record, first, kinds, slots)
+  if (slots or #KEYS - first + 1) ~= #record.nodes * #kinds then
     return false
   end
   for i, node in ipairs(record.nodes) do
@@ -213,6 +214,23 @@ local function node_keys_match(prefix, record, first, kinds)
       if KEYS[first + (i - 1) * #kinds + k - 1] ~= prefix .. kind .. node[1] then
         return false
       end
+    end
+  end
+  return true
+end
+
+-- Whether two node lists name the same nodes with the same masks, in any order.
+local function same_nodes(one, other)
+  if #one ~= #other then
+    return false
+  end
+  local masks = {}
+  for _, node in ipairs(one) do
+    masks[node[1]] = node[2] .. ',' .. node[3]
+  end
+  for _, node in ipairs(other) do
+    if masks[node[1]] ~= node[2] .. ',' .. node[3] then
+      return false
     end
   end
   return true

@@ -38,19 +38,7 @@ local function node_key(i) return KEYS[FIXED + 2 * i - 1] end
 local function queue_key(i) return KEYS[FIXED + 2 * i] end
 
 local function same_content(record)
-  if record.owner ~= owner or record.op ~= operation or #record.nodes ~= #nodes then
-    return false
-  end
-  local wanted = {}
-  for _, node in ipairs(nodes) do
-    wanted[node[1]] = node[2] .. ',' .. node[3]
-  end
-  for _, node in ipairs(record.nodes) do
-    if wanted[node[1]] ~= node[2] .. ',' .. node[3] then
-      return false
-    end
-  end
-  return true
+  return record.owner == owner and record.op == operation and same_nodes(record.nodes, nodes)
 end
 
 local waiting = nil

@@ -38,29 +38,12 @@ local record = cjson.decode(stored)
 if record.owner ~= owner then
   return {'denied', current_revision(keys.rev), stored}
 end
-if current_count ~= #record.nodes then
+if not node_keys_match(keys.prefix, record, FIXED + 1, {'n:'}, current_count) then
   return {'retry', current_revision(keys.rev), stored}
-end
-for i, node in ipairs(record.nodes) do
-  if KEYS[FIXED + i] ~= keys.prefix .. 'n:' .. node[1] then
-    return {'retry', current_revision(keys.rev), stored}
-  end
 end
 local function new_key(i) return KEYS[FIXED + current_count + i] end
 
-local unchanged = #nodes == #record.nodes
-if unchanged then
-  local held = {}
-  for _, node in ipairs(record.nodes) do
-    held[node[1]] = node[2] .. ',' .. node[3]
-  end
-  for _, node in ipairs(nodes) do
-    if held[node[1]] ~= node[2] .. ',' .. node[3] then
-      unchanged = false
-    end
-  end
-end
-if unchanged then
+if same_nodes(record.nodes, nodes) then
   return {'unchanged', current_revision(keys.rev), stored}
 end
 

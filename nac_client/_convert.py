@@ -192,6 +192,8 @@ def event_from_proto(message: nac_pb2.WatchEvent) -> Event:
         ),
         reason=message.reason,
         actor=message.actor,
+        dropped_nodes=tuple(message.dropped_nodes),
+        notice=message.notice,
     )
 
 

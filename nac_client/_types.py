@@ -231,7 +231,8 @@ class EventType(enum.Enum):
     SNAPSHOT_COMPLETE = 6
     """The snapshot is complete; live events follow. Carries no job."""
     CONTENDED = 7
-    """A job was refused or queued because of the holder `job`; `contention` says who and why."""
+    """Advisory: a job was refused or queued because of the holder `job` (id, owner and operation
+    only); `contention` says who and why. Takes no revision of its own."""
     FORCE_RELEASED = 8
     """An operator ended `job`; `reason` and `actor` say why and who."""
     WAITING = 9
@@ -260,7 +261,8 @@ class Event:
     """One change of state in a namespace.
 
     Attributes:
-        revision: The namespace revision of the change (for snapshots, the snapshot's revision).
+        revision: The namespace revision of the change (for snapshots, the snapshot's revision;
+            for a notice, that of the change before it).
         type: What happened.
         job: The job after the event (as it was when it ended, for RELEASED, EXPIRED and
             FORCE_RELEASED; for CONTENDED, the holder in the way); None for SNAPSHOT_COMPLETE.
@@ -268,6 +270,10 @@ class Event:
         contention: For CONTENDED, the job kept out and why.
         reason: For FORCE_RELEASED, why the operator ended the job.
         actor: For FORCE_RELEASED, who did.
+        dropped_nodes: For UPDATED, the nodes the job held before and no longer holds.
+        notice: 0 for a change of state. CONTENDED is an advisory notice that takes no revision:
+            it carries the revision of the last change before it and its place (1, 2, ...) among
+            the notices after that change; events are ordered by (revision, notice).
     """
 
     revision: int
@@ -277,6 +283,8 @@ class Event:
     contention: Contention | None = None
     reason: str = ""
     actor: str = ""
+    dropped_nodes: tuple[str, ...] = ()
+    notice: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ class WatchCursor:
     next_revision: int
     snapshot_pending: bool
     _snapshot: list[Event] = field(default_factory=list)
+    # The (revision, notice) of the last event delivered; None before the first one.
+    _last: tuple[int, int] | None = None
 
     @classmethod
     def start(cls, start_revision: int, *, snapshot: bool) -> WatchCursor:
@@ -59,6 +61,7 @@ class WatchCursor:
                 return []
             self.snapshot_pending = False
             self.next_revision = event.revision + 1
+            self._last = (event.revision, 0)
             held, self._snapshot = self._snapshot, []
             delivered = [e for e in held if e.type is EventType.SNAPSHOT] + [event]
             # Only a misbehaving server sends live events before SNAPSHOT_COMPLETE; keep the new.
@@ -71,7 +74,15 @@ class WatchCursor:
         return self._accept_live(event)
 
     def _accept_live(self, event: Event) -> list[Event]:
-        if event.revision < self.next_revision:
+        # Events are ordered by (revision, notice): notices (CONTENDED) take no revision of their
+        # own and follow the change of state they carry the revision of.
+        last = self._last or (self.next_revision - 1, _AFTER_EVERY_NOTICE)
+        position = (event.revision, event.notice)
+        if position <= last:
             return []
+        self._last = position
         self.next_revision = event.revision + 1
         return [event]
+
+
+_AFTER_EVERY_NOTICE = 2**64

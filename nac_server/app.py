@@ -82,6 +82,8 @@ class Server:
         self.store = Store(
             self.redis,
             history=limits.history,
+            history_bytes=limits.history_bytes,
+            notice_history=limits.notice_history,
             lock_delay_ms=limits.lock_delay_ms,
             waiter_liveness_ms=limits.waiter_liveness_ms,
         )

@@ -107,7 +107,7 @@ class Arbiter:
         recheck_s = self.limits.waiter_liveness_ms / 3000
         nodes = frozenset(access.node for access in command.nodes)
         waiter = Waiter(_as_job(command), 0, 0)
-        async with self.hub.subscribe(command.namespace) as subscription:
+        async with self.hub.subscribe(command.namespace, notices=False) as subscription:
             try:
                 response = await self._attempt(command, command.wait_ms)
                 if response.outcome is Outcome.QUEUED:

@@ -38,7 +38,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     option("--min-ttl", float, defaults.min_ttl_ms / 1000, "shortest lease, seconds")
     option("--max-ttl", float, defaults.max_ttl_ms / 1000, "longest lease, seconds")
     option("--max-nodes", int, defaults.max_nodes, "most nodes in one job")
-    option("--history", int, defaults.history, "events kept per namespace for Watch resume")
+    option("--history", int, defaults.history, "changes kept per namespace for Watch resume")
+    option(
+        "--history-bytes",
+        int,
+        defaults.history_bytes,
+        "most bytes of records the history of a namespace keeps",
+    )
+    option(
+        "--notice-history",
+        int,
+        defaults.notice_history,
+        "contention notices kept per namespace, apart from the history",
+    )
     option("--watch-queue", int, defaults.watch_queue, "events a watcher may lag before it ends")
     option(
         "--sweep-interval",
@@ -71,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ("--default-ttl", options.min_ttl <= options.default_ttl <= options.max_ttl),
             ("--max-nodes", options.max_nodes > 0),
             ("--history", options.history > 0),
+            ("--history-bytes", options.history_bytes > 0),
+            ("--notice-history", options.notice_history > 0),
             ("--watch-queue", options.watch_queue > 0),
             ("--sweep-interval", options.sweep_interval > 0),
             ("--lock-delay", 0 <= options.lock_delay <= 3600),
@@ -96,6 +110,8 @@ def config_from(options: argparse.Namespace) -> ServerConfig:
             max_ttl_ms=round(options.max_ttl * 1000),
             max_nodes=options.max_nodes,
             history=options.history,
+            history_bytes=options.history_bytes,
+            notice_history=options.notice_history,
             watch_queue=options.watch_queue,
             sweep_interval_s=options.sweep_interval,
             lock_delay_ms=round(options.lock_delay * 1000),

@@ -11,8 +11,12 @@ class Limits:
     min_ttl_ms: int = 1_000
     max_ttl_ms: int = 3_600_000
     max_nodes: int = 256
-    # Events kept per namespace for Watch resume; older ones answer OUT_OF_RANGE.
+    # Changes of state kept per namespace for Watch resume, in count and in bytes of records;
+    # older ones answer OUT_OF_RANGE.
     history: int = 10_000
+    history_bytes: int = 64 * 2**20
+    # Advisory notices (CONTENDED) kept per namespace, apart from the history.
+    notice_history: int = 1_000
     # Events a watcher may fall behind before it is ended with RESOURCE_EXHAUSTED.
     watch_queue: int = 1_024
     # Longest pause between two expiry sweeps; a sweep also runs when the next lease is due.

@@ -104,6 +104,8 @@ def event(namespace: str, value: StoredEvent) -> pb.WatchEvent:
         time=timestamp(value.time_ms),
         reason=value.reason,
         actor=value.actor,
+        dropped_nodes=value.dropped_nodes,
+        notice=value.notice,
     )
     if value.type in ("WAITING", "WAIT_ENDED"):
         message.job.state = pb.Job.WAITING

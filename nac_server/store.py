@@ -17,6 +17,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from nac_server.errors import Compacted
+from nac_server.history import Position, merge
 from nac_server.model import (
     Action,
     Conflict,
@@ -88,6 +89,14 @@ class Keys:
     def config(self) -> str:
         return self.prefix + "config"
 
+    @property
+    def evbytes(self) -> str:
+        return self.prefix + "evbytes"
+
+    @property
+    def notices(self) -> str:
+        return self.prefix + "notices"
+
     def node(self, name: str) -> str:
         return self.prefix + "n:" + name
 
@@ -117,12 +126,17 @@ class LockDelay:
 
 @dataclass(frozen=True)
 class Contention:
+    """Who was kept out (id, owner and operation only) and the conflicts with the holder."""
+
     waiter: Job
     conflicts: tuple[Conflict, ...]
 
 
 @dataclass(frozen=True)
 class StoredEvent:
+    """A change of state (notice 0) or an advisory notice (notice k > 0, the k-th after
+    revision)."""
+
     revision: int
     type: str
     job: Job
@@ -130,13 +144,28 @@ class StoredEvent:
     contention: Contention | None = None
     reason: str = ""
     actor: str = ""
+    # For UPDATED: the nodes the job held before and no longer holds.
+    dropped_nodes: tuple[str, ...] = ()
+    notice: int = 0
+
+    @property
+    def position(self) -> Position:
+        return Position(self.revision, self.notice)
+
+    @property
+    def nodes(self) -> frozenset[str]:
+        """The nodes the event is about: for a notice, those in conflict; for a change, those
+        the job holds and those it let go."""
+        if self.contention is not None:
+            return frozenset(conflict.node for conflict in self.contention.conflicts)
+        return frozenset(access.node for access in self.job.nodes).union(self.dropped_nodes)
 
     def concerns(self, nodes: frozenset[str], job_ids: frozenset[str]) -> bool:
         """Whether a watcher filtering on these nodes and job ids (empty: any) wants it."""
         involved = [self.job, self.contention.waiter] if self.contention else [self.job]
         if job_ids and not any(job.job_id in job_ids for job in involved):
             return False
-        return not nodes or any(access.node in nodes for job in involved for access in job.nodes)
+        return not nodes or not nodes.isdisjoint(self.nodes)
 
 
 @dataclass(frozen=True)
@@ -162,7 +191,9 @@ def _job_from(record: dict[str, Any]) -> Job:
         job_id=record["id"],
         owner=record["owner"],
         operation=record["op"],
-        nodes=tuple(NodeAccess(name, int(req), int(allow)) for name, req, allow in record["nodes"]),
+        nodes=tuple(
+            NodeAccess(name, int(req), int(allow)) for name, req, allow in record.get("nodes", ())
+        ),
         fencing_token=int(record.get("token", 0)),
         acquired_ms=int(record.get("acq", 0)),
         expires_ms=int(record.get("exp", 0)),
@@ -184,9 +215,18 @@ CONFLICT_WIDTH = 7
 
 
 def decode_conflicts(flat: Sequence[Any], nodes: Sequence[NodeAccess]) -> tuple[Conflict, ...]:
+    """Conflicts from flat groups of seven whose first value indexes nodes (from 1)."""
+    named = list(flat)
+    for i in range(0, len(named), CONFLICT_WIDTH):
+        named[i] = nodes[int(named[i]) - 1].node
+    return decode_named_conflicts(named)
+
+
+def decode_named_conflicts(flat: Sequence[Any]) -> tuple[Conflict, ...]:
+    """Conflicts from flat groups of seven that start with the node's name."""
     found = {
         Conflict(
-            node=nodes[int(flat[i]) - 1].node,
+            node=flat[i],
             action=Action(int(flat[i + 1])),
             kind=ConflictKind(int(flat[i + 2])),
             holder_job_id=flat[i + 3],
@@ -222,9 +262,13 @@ class Store:
         history: int = 10_000,
         lock_delay_ms: int = 15_000,
         waiter_liveness_ms: int = 10_000,
+        history_bytes: int = 64 * 2**20,
+        notice_history: int = 1_000,
     ) -> None:
         self.redis = redis
-        self.history = history
+        # The caps of the two streams, as the scripts take them: the history keeps at most this
+        # many changes and bytes; notices are capped (approximately) on their own.
+        self.history = f"{history},{history_bytes},{notice_history}"
         # The namespace default when its config names none.
         self.lock_delay_ms = lock_delay_ms
         # A queued job whose server stops re-checking it for this long leaves the queue.
@@ -267,6 +311,8 @@ class Store:
                 keys.ghosts,
                 keys.ghostjobs,
                 keys.contended,
+                keys.evbytes,
+                keys.notices,
                 *node_keys,
             ],
             args=args,
@@ -331,6 +377,7 @@ class Store:
                     keys.ghosts,
                     keys.ghostjobs,
                     keys.config,
+                    keys.evbytes,
                     *(keys.node(name) for name in nodes),
                 ],
                 args=[
@@ -382,6 +429,8 @@ class Store:
                     keys.ghosts,
                     keys.ghostjobs,
                     keys.contended,
+                    keys.evbytes,
+                    keys.notices,
                     *(keys.node(name) for name in current),
                     *(keys.node(access.node) for access in nodes),
                 ],
@@ -417,6 +466,7 @@ class Store:
                     keys.waitexp,
                     keys.revision,
                     keys.events,
+                    keys.evbytes,
                     *(keys.queue(name) for name in nodes),
                 ],
                 args=[waiter.job.job_id, mode, self.history],
@@ -436,6 +486,7 @@ class Store:
                 keys.ghostjobs,
                 keys.revision,
                 keys.events,
+                keys.evbytes,
                 *(keys.node(access.node) for access in job.nodes),
             ],
             args=[job.job_id, self.history, ACTION_COUNT],
@@ -475,11 +526,22 @@ class Store:
 
     async def snapshot(self, namespace: str) -> tuple[int, tuple[Job, ...], tuple[Waiter, ...]]:
         """The current jobs and waiters (oldest first) and their revision, read atomically."""
+        revision, jobs, waiters, _ = await self.snapshot_at(namespace)
+        return revision, jobs, waiters
+
+    async def snapshot_at(
+        self, namespace: str
+    ) -> tuple[int, tuple[Job, ...], tuple[Waiter, ...], Position]:
+        """As snapshot, with the position a watch from it follows on from (the last notice sent
+        after the revision, if any)."""
         keys = Keys(namespace)
-        reply = await self.scripts.snapshot(keys=[keys.jobs, keys.revision, keys.waiters], args=[])
+        reply = await self.scripts.snapshot(
+            keys=[keys.jobs, keys.revision, keys.waiters, keys.notices], args=[]
+        )
+        revision = int(reply[0])
         jobs = sorted((decode_job(text) for text in reply[1]), key=lambda job: job.job_id)
         waiters = sorted((decode_waiter(text) for text in reply[2]), key=lambda w: w.seq)
-        return int(reply[0]), tuple(jobs), tuple(waiters)
+        return revision, tuple(jobs), tuple(waiters), _following(revision, reply[3])
 
     async def job(self, namespace: str, job_id: str) -> Job | None:
         text = await self.redis.hget(Keys(namespace).jobs, job_id)
@@ -520,35 +582,61 @@ class Store:
     async def revision(self, namespace: str) -> int:
         return int(await self.redis.get(Keys(namespace).revision) or 0)
 
-    async def events(self, namespace: str, start: int, count: int) -> list[StoredEvent]:
-        """Kept events from revision start on; Compacted if the first of them is gone."""
+    async def position(self, namespace: str) -> Position:
+        """Where the namespace stands now: its revision and the last notice sent after it."""
         keys = Keys(namespace)
-        # One transaction, so that an event appended between the two reads cannot look trimmed.
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xrange(keys.events, f"{start}-0", "+", count=count)
             pipe.get(keys.revision)
-            entries, revision = await pipe.execute()
-        found = [_decode_entry(entry_id, fields) for entry_id, fields in entries]
-        if (found and found[0].revision != start) or (not found and start <= int(revision or 0)):
+            pipe.xrevrange(keys.notices, "+", "-", count=1)
+            revision, last = await pipe.execute()
+        return _following(int(revision or 0), last[0][0] if last else "")
+
+    async def events(self, namespace: str, after: Position, count: int) -> list[StoredEvent]:
+        """Kept changes and notices after position, in order; Compacted if the change of state
+        that follows it is gone. Notices that are gone are simply left out."""
+        keys = Keys(namespace)
+        # One transaction, so that an event appended between the reads cannot look trimmed.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(keys.events, f"({after.revision}-0", "+", count=count)
+            pipe.xrange(keys.notices, f"({after.stream_id}", "+", count=count)
+            pipe.get(keys.revision)
+            changes, notices, revision = await pipe.execute()
+        found = [_decode_entry(entry_id, fields) for entry_id, fields in changes]
+        wanted = after.revision + 1
+        if (found and found[0].revision != wanted) or (not found and wanted <= int(revision or 0)):
             oldest = found[0].revision if found else int(revision or 0) + 1
             raise Compacted(
-                f"revision {start} is older than the oldest kept event ({oldest}); "
+                f"revision {wanted} is older than the oldest kept event ({oldest}); "
                 "take a snapshot and resume from its revision",
-                start,
+                wanted,
                 oldest,
             )
-        return found
+        batch, _ = merge(
+            found, [_decode_entry(entry_id, fields) for entry_id, fields in notices], count
+        )
+        return batch
 
     async def wait_events(
-        self, namespace: str, after: int, block_ms: int, count: int = 512
+        self,
+        namespace: str,
+        after: Position,
+        last_notice: Position,
+        block_ms: int,
+        count: int = 512,
     ) -> list[StoredEvent]:
-        """Events after revision after, waiting up to block_ms for the first one."""
+        """Changes after revision after and notices after last_notice, in order, waiting up to
+        block_ms for the first one."""
+        keys = Keys(namespace)
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] = await self.redis.xread(
-            {Keys(namespace).events: f"{after}-0"}, count=count, block=block_ms
+            {keys.events: f"{after.revision}-0", keys.notices: last_notice.stream_id},
+            count=count,
+            block=block_ms,
         )  # type: ignore[assignment]
-        return [
-            _decode_entry(entry_id, fields) for _, entries in reply for entry_id, fields in entries
-        ]
+        by_stream = {name: entries for name, entries in reply}
+        changes = [_decode_entry(i, f) for i, f in by_stream.get(keys.events, [])]
+        notices = [_decode_entry(i, f) for i, f in by_stream.get(keys.notices, [])]
+        batch, _ = merge(changes, notices, count)
+        return batch
 
     async def namespaces(self) -> list[str]:
         """Every namespace that has held a job, for the expiry sweep."""
@@ -566,18 +654,30 @@ class Store:
             self._registered_namespaces.add(namespace)
 
 
+def _following(revision: int, last_notice_id: str) -> Position:
+    """The position at revision: after the last notice of it, when the last notice is of it."""
+    if last_notice_id:
+        last = Position.parse(last_notice_id)
+        if last.revision == revision:
+            return last
+    return Position(revision)
+
+
 def _decode_entry(entry_id: str, fields: dict[str, str]) -> StoredEvent:
+    position = Position.parse(entry_id)
     contention = None
-    if "waiter" in fields:
-        waiter = decode_job(fields["waiter"])
-        flat = json.loads(fields["conflicts"])
-        contention = Contention(waiter, decode_conflicts(flat, waiter.nodes))
+    if position.is_notice:
+        contention = Contention(
+            decode_job(fields["waiter"]), decode_named_conflicts(json.loads(fields["conflicts"]))
+        )
     return StoredEvent(
-        revision=int(entry_id.split("-", 1)[0]),
+        revision=position.revision,
+        notice=position.notice,
         type=fields["type"],
         job=decode_job(fields["job"]),
         time_ms=int(fields["t"]),
         contention=contention,
         reason=fields.get("reason", ""),
         actor=fields.get("actor", ""),
+        dropped_nodes=tuple(json.loads(fields["dropped"])) if "dropped" in fields else (),
     )

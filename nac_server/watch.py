@@ -1,8 +1,9 @@
 """Watch: one Redis reader per namespace fans events out to bounded per-watcher queues.
 
-A watcher first replays kept history, then follows its queue; whenever the queue skips ahead of
-what it has sent, it goes back to history. So it never loses or repeats an event, and a watcher
-that stops reading only fills its own queue: the reader never waits for it.
+A watcher first replays kept history, then follows its queue; whenever the queue skips a change
+of state, it goes back to history. So it never loses or repeats a change, and a watcher that
+stops reading only fills its own queue: the reader never waits for it. Notices (CONTENDED) come
+in the same order but are advisory: one that is gone from its capped stream is skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import redis.exceptions
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert
 from nac_server.errors import ShuttingDown, WatcherTooSlow
+from nac_server.history import Position, follows
 from nac_server.store import Store, StoredEvent
 from nac_server.validation import WatchCommand
 
@@ -30,6 +32,8 @@ _READ_BLOCK_MS = 5_000
 @dataclass(eq=False)
 class Subscription:
     queue: asyncio.Queue[StoredEvent]
+    # Waiters need only changes of state; watchers want the notices too.
+    notices: bool = True
     overflowed: bool = False
 
 
@@ -49,13 +53,13 @@ class EventHub:
         self.closing = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, namespace: str) -> AsyncIterator[Subscription]:
+    async def subscribe(self, namespace: str, notices: bool = True) -> AsyncIterator[Subscription]:
         """Events of the namespace from now on; anything earlier is in the store's history."""
         if self.closing.is_set():
             # A feed started now would outlive the store connection it reads from.
             raise ShuttingDown(0)
         feed = self._feeds.setdefault(namespace, _Feed())
-        subscription = Subscription(asyncio.Queue(self._queue_size))
+        subscription = Subscription(asyncio.Queue(self._queue_size), notices)
         feed.subscribers.add(subscription)
         if feed.task is None:
             feed.task = asyncio.create_task(self._follow(namespace, feed))
@@ -71,24 +75,34 @@ class EventHub:
                 del self._feeds[namespace]
 
     async def _follow(self, namespace: str, feed: _Feed) -> None:
-        after: int | None = None
+        # The last change and the last notice read, each stream's own cursor.
+        after: Position | None = None
+        last_notice = Position(0)
         while True:
             try:
                 if after is None:
-                    after = await self._store.revision(namespace)
+                    last_notice = await self._store.position(namespace)
+                    after = Position(last_notice.revision)
                     feed.ready.set()
-                events = await self._store.wait_events(namespace, after, _READ_BLOCK_MS)
+                events = await self._store.wait_events(
+                    namespace, after, last_notice, _READ_BLOCK_MS
+                )
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
                 log.warning("event feed for %s: %s; retrying", namespace, error)
                 await asyncio.sleep(0.5)
                 continue
             for event in events:
                 for subscription in list(feed.subscribers):
+                    if event.notice and not subscription.notices:
+                        continue
                     try:
                         subscription.queue.put_nowait(event)
                     except asyncio.QueueFull:
                         subscription.overflowed = True
-                after = event.revision
+                if event.notice:
+                    last_notice = event.position
+                else:
+                    after = event.position
 
     async def close(self) -> None:
         self.closing.set()
@@ -108,7 +122,7 @@ async def watch(
     namespace = command.namespace
     async with hub.subscribe(namespace) as subscription:
         if command.snapshot:
-            revision, jobs, _ = await store.snapshot(namespace)
+            revision, jobs, _, last = await store.snapshot_at(namespace)
             await on_start(revision)
             for job in jobs:
                 as_event = StoredEvent(revision, "SNAPSHOT", job, 0)
@@ -119,36 +133,38 @@ async def watch(
                         job=convert.job(namespace, job),
                     )
             yield pb.WatchEvent(revision=revision, type=pb.WatchEvent.SNAPSHOT_COMPLETE)
-            next_revision = revision + 1
         elif command.start_revision:
-            next_revision = command.start_revision
-            await on_start(next_revision)
+            last = Position.before(command.start_revision)
+            await on_start(command.start_revision)
         else:
-            next_revision = await store.revision(namespace) + 1
-            await on_start(next_revision)
+            last = await store.position(namespace)
+            await on_start(last.revision + 1)
 
         def relevant(event: StoredEvent) -> bool:
             return event.concerns(command.nodes, command.job_ids)
 
         while True:
             # Replay history until it is exhausted.
-            while batch := await store.events(namespace, next_revision, _HISTORY_BATCH):
+            while batch := await store.events(namespace, last, _HISTORY_BATCH):
                 for event in batch:
                     if relevant(event):
                         yield convert.event(namespace, event)
-                    next_revision = event.revision + 1
-            # Follow live events until one arrives out of order.
+                    last = event.position
+            # Caught up: what the queue dropped meanwhile was replayed or is still in history, so
+            # only falling behind from here on ends the watch.
+            subscription.overflowed = False
+            # Follow live events until a change of state is missing.
             while True:
                 if subscription.overflowed:
-                    raise WatcherTooSlow(next_revision)
-                event = await next_event(hub, subscription, next_revision)
-                if event.revision < next_revision:
-                    continue
-                if event.revision > next_revision:
+                    raise WatcherTooSlow(last.revision + 1)
+                event = await next_event(hub, subscription, last.revision + 1)
+                in_order = follows(last, event.position)
+                if in_order is None:
                     break
-                if relevant(event):
-                    yield convert.event(namespace, event)
-                next_revision += 1
+                if in_order:
+                    if relevant(event):
+                        yield convert.event(namespace, event)
+                    last = event.position
 
 
 async def next_event(hub: EventHub, subscription: Subscription, resume: int) -> StoredEvent:

@@ -6,9 +6,9 @@ and the end of a lock-delay. After every step it compares the answer and the who
 with the model: holders, waiters in queue order, each node's tallies, queue and lock-delays, the
 event stream and the set of Redis keys.
 
-CONTENDED events are rate-limited by the store's clock, so the model does not have them; they
-still take revisions. A store revision R is therefore compared as the number of other events with
-a revision up to R, and the CONTENDED events are checked on their own.
+CONTENDED notices are rate-limited by the store's clock, so the model does not have them. They
+take no revision and live in their own stream, so revisions compare one for one, and the notices
+are checked on their own.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from nac_server import model
 from nac_server.embedded import RedisProcess
+from nac_server.history import Position
 from nac_server.model import (
     ALL_MASK,
     AcquireRequest,
@@ -145,9 +146,10 @@ class LuaModelMachine(RuleBasedStateMachine):
         self.state = State(lock_delay_ms=MODEL_LOCK_DELAY_MS)
         self.keys = Keys(NS)
         self.registered = False
-        # Every stored event so far, as (revision, type), and the last revision read.
+        # Every stored change so far, as (revision, type), and the last notice read.
         self.stored_events: list[tuple[int, str]] = []
-        # (holder id, waiter id) -> the store's time of the pair's last CONTENDED event.
+        self.last_notice = Position(0)
+        # (holder id, waiting owner) -> the store's time of the pair's last CONTENDED notice.
         self.contended_at: dict[tuple[str, str], int] = {}
 
     async def _connect(self) -> Redis:
@@ -171,14 +173,20 @@ class LuaModelMachine(RuleBasedStateMachine):
         return int(seconds) * 1000 + int(micros) // 1000
 
     def read_new_events(self) -> list[StoredEvent]:
+        """The changes and notices stored since the last call, each in its own stream's order."""
         seen = self.stored_events[-1][0] if self.stored_events else 0
-        new = self.run(self.store.events(NS, seen + 1, 100_000))
-        self.stored_events += [(e.revision, e.type) for e in new]
-        return new
+        new = self.run(self.store.events(NS, Position(seen), 100_000))
+        changes = [e for e in new if not e.notice]
+        self.stored_events += [(e.revision, e.type) for e in changes]
+        assert [e.revision for e in changes] == list(range(seen + 1, seen + 1 + len(changes)))
+        notices = [e for e in new if e.notice and e.position > self.last_notice]
+        if notices:
+            self.last_notice = notices[-1].position
+        return changes + notices
 
     def modelled_revision(self, revision: int) -> int:
-        """The model's revision for a store revision: the events up to it but CONTENDED."""
-        return sum(1 for r, kind in self.stored_events if r <= revision and kind != "CONTENDED")
+        """The model's revision for a store revision: notices take none, so the same."""
+        return revision
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -204,9 +212,11 @@ class LuaModelMachine(RuleBasedStateMachine):
         return expected
 
     def check_contention(self, request: Request, stored: Response, started_ms: int) -> None:
-        """The CONTENDED events a call appended: only for refusals and queuing, one per live
-        holder in the way and per second, each with that holder's conflicts."""
+        """The CONTENDED notices a call sent: only for refusals and queuing, at most one per live
+        holder in the way and waiting owner per second, each with that holder's conflicts, all
+        after the call's revision and none taking one."""
         contended = [event for event in self.read_new_events() if event.type == "CONTENDED"]
+        assert all(event.notice > 0 for event in contended), contended
         may_contend = (
             isinstance(request, AcquireRequest | UpdateRequest)
             and not request.dry_run
@@ -221,19 +231,27 @@ class LuaModelMachine(RuleBasedStateMachine):
         holders = {c.holder_job_id for c in stored.conflicts if c.kind in LIVE_KINDS}
         named = [event.job.job_id for event in contended]
         assert len(named) == len(set(named)) and set(named) <= holders, (named, holders)
+        owner = request.owner
         for event in contended:
+            assert event.revision == stored.revision, (event, stored)
             assert event.contention is not None
-            assert event.contention.waiter.job_id == request.job_id
+            assert (event.contention.waiter.job_id, event.contention.waiter.owner) == (
+                request.job_id,
+                owner,
+            )
             carried = list(event.contention.conflicts)
             wanted = [
                 c
                 for c in stored.conflicts
                 if c.holder_job_id == event.job.job_id and c.kind in LIVE_KINDS
             ]
-            assert carried == wanted, (event, stored)
-        # At most one event per pair per second of the store's clock; a pair's first never waits.
+            # A notice names at most 16 conflicts.
+            assert set(carried) <= set(wanted), (event, stored)
+            assert len(carried) == min(16, len(wanted)), (event, stored)
+        # At most one notice per holder and waiting owner per second of the store's clock; a
+        # pair's first never waits.
         for holder in holders:
-            pair = (holder, request.job_id)
+            pair = (holder, owner)
             emitted = next((e for e in contended if e.job.job_id == holder), None)
             if emitted is None:
                 assert pair in self.contended_at, pair
@@ -587,7 +605,7 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     @invariant()
     def events_match(self) -> None:
-        events = self.run(self.store.events(NS, 1, 100_000))
+        events = [e for e in self.run(self.store.events(NS, Position(0), 100_000)) if not e.notice]
         assert [(e.revision, e.type) for e in events] == self.stored_events
         assert [e.revision for e in events] == list(range(1, len(events) + 1))
         modelled = [
@@ -610,7 +628,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         if state.jobs:
             expected |= {keys.jobs, keys.leases}
         if self.stored_events:
-            expected |= {keys.revision, keys.events}
+            expected |= {keys.revision, keys.events, keys.evbytes}
         if state.last_token:
             expected.add(keys.fence)
         if state.waiters:
@@ -619,8 +637,8 @@ class LuaModelMachine(RuleBasedStateMachine):
             expected.add(keys.waitseq)
         if state.delays:
             expected |= {keys.ghosts, keys.ghostjobs}
-        if any(kind == "CONTENDED" for _, kind in self.stored_events):
-            expected.add(keys.contended)
+        if self.last_notice.is_notice:
+            expected |= {keys.contended, keys.notices}
         assert set(self.run(self.redis.keys("*"))) == expected
 
 
@@ -721,7 +739,7 @@ async def test_contention_of_a_recheck_names_the_right_node(store: Store) -> Non
     )
     assert again.outcome is Outcome.QUEUED
     assert {(c.node, c.holder_job_id) for c in again.conflicts} == {(a, "h0"), (b, "h1")}
-    events = await store.events(NS, 1, 100)
+    events = await store.events(NS, Position(0), 100)
     last = [e for e in events if e.type == "CONTENDED"][-1]
     assert last.job.job_id == "h1"
     assert last.contention is not None

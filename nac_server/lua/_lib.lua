@@ -11,7 +11,10 @@
 --   {id, owner, op, nodes, ttl, seq, deadline, exp, blocked = {{owner, job_id}, ...}}
 -- Queue zset (nac:{ns}:q:<node>): waiting job_id -> seq, the order in which they queued.
 -- Lock-delay: zset nac:{ns}:ghosts job_id -> end ms, hash nac:{ns}:ghostjobs job_id -> job JSON.
-
+-- History: stream nac:{ns}:events, one entry per change of state with its revision as id
+-- ("<revision>-0"), and nac:{ns}:evbytes, the bytes its entries hold.
+-- Notices: stream nac:{ns}:notices of advisory CONTENDED entries, which take no revision: the
+-- k-th notice after revision R has id "<R>-<k>", so both streams merge in one order.
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -163,15 +166,42 @@ local function remove_holder(node_key, field, nactions)
   redis.call('HDEL', node_key, field)
 end
 
+-- The history caps travel as one argument, "events,bytes,notices".
+local function history_limits(arg)
+  local first = string.find(arg, ',', 1, true)
+  local second = string.find(arg, ',', first + 1, true)
+  return tonumber(string.sub(arg, 1, first - 1)), tonumber(string.sub(arg, first + 1, second - 1)),
+    tonumber(string.sub(arg, second + 1))
+end
+
+local function entry_size(flat)
+  local size = 0
+  for _, v in ipairs(flat) do
+    size = size + #tostring(v)
+  end
+  return size
+end
+
 -- Takes the next revision and appends the event with it as the stream id, so that a revision
--- names exactly one event. extra: more field/value pairs (contention, reason, actor).
-local function emit(rev_key, events_key, maxlen, event_type, record_json, now, extra)
-  local revision = redis.call('INCR', rev_key)
+-- names exactly one event. extra: more field/value pairs (reason, actor, dropped nodes). The
+-- oldest events go while the history holds more than its cap of events or of bytes; the newest
+-- one always stays.
+local function emit(keys, limits, event_type, record_json, now, extra)
+  local max_events, max_bytes = history_limits(limits)
+  local revision = redis.call('INCR', keys.rev)
   local fields = {'type', event_type, 'job', record_json, 't', now}
   for _, v in ipairs(extra or {}) do
     fields[#fields + 1] = v
   end
-  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, revision .. '-0', unpack(fields))
+  redis.call('XADD', keys.events, revision .. '-0', unpack(fields))
+  local bytes = redis.call('INCRBY', keys.evbytes, entry_size(fields))
+  local length = redis.call('XLEN', keys.events)
+  while length > 1 and (length > max_events or bytes > max_bytes) do
+    local oldest = redis.call('XRANGE', keys.events, '-', '+', 'COUNT', 1)[1]
+    redis.call('XDEL', keys.events, oldest[1])
+    bytes = redis.call('DECRBY', keys.evbytes, entry_size(oldest[2]))
+    length = length - 1
+  end
   return revision
 end
 
@@ -183,7 +213,7 @@ local function namespace_keys(first_name)
     fence = prefix .. 'fence', events = prefix .. 'events', waiters = prefix .. 'waiters',
     waitexp = prefix .. 'waitexp', waitseq = prefix .. 'waitseq', ghosts = prefix .. 'ghosts',
     ghostjobs = prefix .. 'ghostjobs', contended = prefix .. 'contended',
-    config = prefix .. 'config',
+    config = prefix .. 'config', evbytes = prefix .. 'evbytes', notices = prefix .. 'notices',
   }
 end
 
@@ -236,9 +266,34 @@ local function same_nodes(one, other)
   return true
 end
 
--- Records that waiter_json was kept out by holder_id, at most once per pair per second.
-local function note_contention(keys, maxlen, holder_id, waiter_id, waiter_json, conflicts, now)
-  local pair = holder_id .. '\n' .. waiter_id
+-- A refusal notifies at most this many holders, each notice naming at most this many conflicts:
+-- a refusal changes no state, so what it may add is small and fixed.
+local NOTICES_PER_REFUSAL, CONFLICTS_PER_NOTICE = 8, 16
+
+-- Appends an advisory notice after the current revision, as "<revision>-<k>".
+local function append_notice(keys, cap, fields)
+  local revision = current_revision(keys.rev)
+  local seq = 1
+  local last = redis.call('XREVRANGE', keys.notices, '+', '-', 'COUNT', 1)[1]
+  if last then
+    local dash = string.find(last[1], '-', 1, true)
+    local last_revision = tonumber(string.sub(last[1], 1, dash - 1))
+    if last_revision > revision then
+      -- Only a revision counter that went back could get here; a notice is not worth an error.
+      return
+    end
+    if last_revision == revision then
+      seq = tonumber(string.sub(last[1], dash + 1)) + 1
+    end
+  end
+  redis.call('XADD', keys.notices, 'MAXLEN', '~', cap, revision .. '-' .. seq, unpack(fields))
+end
+
+-- Notes that the waiter was kept out by holder_id, at most once per second per holder and
+-- waiting owner (a fresh job id per attempt does not get round it). conflicts: flat groups of
+-- seven with the node's name in place of its index.
+local function note_contention(keys, cap, holder, waiter, conflicts, now)
+  local pair = holder.id .. '\n' .. waiter.owner
   local last = tonumber(redis.call('HGET', keys.contended, pair) or '-1000000')
   if now - last < 1000 then
     return
@@ -253,28 +308,34 @@ local function note_contention(keys, maxlen, holder_id, waiter_id, waiter_json, 
     end
   end
   redis.call('HSET', keys.contended, pair, now)
-  local holder_json = redis.call('HGET', keys.jobs, holder_id)
-  emit(keys.rev, keys.events, maxlen, 'CONTENDED', holder_json, now,
-    {'waiter', waiter_json, 'conflicts', cjson.encode(conflicts)})
+  append_notice(keys, cap, {'type', 'CONTENDED', 'job', cjson.encode(holder),
+    'waiter', cjson.encode(waiter), 'conflicts', cjson.encode(conflicts), 't', now})
 end
 
--- Emits CONTENDED for every live holder among the flat conflict groups.
-local function note_contentions(keys, maxlen, conflicts, waiter_id, waiter_json, now)
+-- Notices CONTENDED for the first live holders among the flat conflict groups; nodes names the
+-- nodes the groups index.
+local function note_contentions(keys, limits, conflicts, nodes, waiter_id, owner, op, now)
+  local _, _, cap = history_limits(limits)
   local by_holder, order = {}, {}
   for g = 1, #conflicts, 7 do
     local kind, holder_id = conflicts[g + 2], conflicts[g + 3]
     if kind == KIND_DOES_NOT_ALLOW or kind == KIND_REQUIRES then
-      if not by_holder[holder_id] then
-        by_holder[holder_id] = {}
-        order[#order + 1] = holder_id
-      end
       local list = by_holder[holder_id]
-      for k = 0, 6 do
-        list[#list + 1] = conflicts[g + k]
+      if not list and #order < NOTICES_PER_REFUSAL then
+        list = {}
+        by_holder[holder_id] = list
+        order[#order + 1] = {id = holder_id, owner = conflicts[g + 4], op = conflicts[g + 5]}
+      end
+      if list and #list < 7 * CONFLICTS_PER_NOTICE then
+        list[#list + 1] = nodes[conflicts[g]][1]
+        for k = 1, 6 do
+          list[#list + 1] = conflicts[g + k]
+        end
       end
     end
   end
-  for _, holder_id in ipairs(order) do
-    note_contention(keys, maxlen, holder_id, waiter_id, waiter_json, by_holder[holder_id], now)
+  local waiter = {id = waiter_id, owner = owner, op = op}
+  for _, holder in ipairs(order) do
+    note_contention(keys, cap, holder, waiter, by_holder[holder.id], now)
   end
 end

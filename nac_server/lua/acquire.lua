@@ -1,10 +1,11 @@
 -- Acquire: grant a job on all of its nodes or on none; with a wait, queue it when refused.
 --
 -- KEYS[1] jobs, KEYS[2] leases, KEYS[3] rev, KEYS[4] fence, KEYS[5] events, KEYS[6] waiters,
--- KEYS[7] waitexp, KEYS[8] waitseq, KEYS[9] ghosts, KEYS[10] ghostjobs, KEYS[11] contended
--- (all nac:{ns}:<name>), then per requested node, in request order: its node hash and its queue.
+-- KEYS[7] waitexp, KEYS[8] waitseq, KEYS[9] ghosts, KEYS[10] ghostjobs, KEYS[11] contended,
+-- KEYS[12] evbytes, KEYS[13] notices (all nac:{ns}:<name>), then per requested node, in request
+-- order: its node hash and its queue.
 -- ARGV[1] job id, ARGV[2] owner, ARGV[3] operation, ARGV[4] ttl in ms, ARGV[5] "1" for a dry run,
--- ARGV[6] event history cap, ARGV[7] number of actions, ARGV[8] wait in ms (0: answer at once),
+-- ARGV[6] history caps "events,bytes,notices", ARGV[7] number of actions, ARGV[8] wait in ms (0: answer at once),
 -- ARGV[9] waiter liveness in ms, ARGV[10..] per node: name, require mask, allow mask.
 --
 -- Returns one of
@@ -20,14 +21,14 @@
 -- before it (fairness). A retry of a granted call answers "existing", so no token is taken twice;
 -- a call for a queued job re-checks it in its place and refreshes its liveness.
 
-local FIXED = 11
+local FIXED = 13
 local keys = namespace_keys('jobs')
 local bad = expect_keys(keys, {'jobs', 'leases', 'rev', 'fence', 'events', 'waiters', 'waitexp',
-  'waitseq', 'ghosts', 'ghostjobs', 'contended'})
+  'waitseq', 'ghosts', 'ghostjobs', 'contended', 'evbytes', 'notices'})
 if bad then return bad end
 
 local job_id, owner, operation = ARGV[1], ARGV[2], ARGV[3]
-local ttl, dry_run, maxlen, nactions = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
+local ttl, dry_run, limits, nactions = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
 local wait, liveness = tonumber(ARGV[8]), tonumber(ARGV[9])
 
 local nodes = {}
@@ -106,7 +107,7 @@ if #conflicts == 0 then
   for i, node in ipairs(nodes) do
     add_holder(node_key(i), job_id, node[2], node[3], nactions)
   end
-  local revision = emit(keys.rev, keys.events, maxlen, 'ACQUIRED', record_json, now)
+  local revision = emit(keys, limits, 'ACQUIRED', record_json, now)
   return {'granted', revision, record_json}
 end
 
@@ -183,12 +184,10 @@ elseif wait > 0 then
   for i = 1, #nodes do
     redis.call('ZADD', queue_key(i), seq, job_id)
   end
-  emit(keys.rev, keys.events, maxlen, 'WAITING', waiter_json, now)
-else
-  waiter_json = cjson.encode({id = job_id, owner = owner, op = operation, nodes = nodes, ttl = ttl})
+  emit(keys, limits, 'WAITING', waiter_json, now)
 end
 
-note_contentions(keys, maxlen, conflicts, job_id, waiter_json, now)
+note_contentions(keys, limits, conflicts, nodes, job_id, owner, operation, now)
 
 if not waiting then
   return reply_with('refused', {})

@@ -1,9 +1,9 @@
 -- Release, expire or force-release: end a job and free its nodes.
 --
 -- KEYS[1] jobs, KEYS[2] leases, KEYS[3] rev, KEYS[4] events, KEYS[5] ghosts, KEYS[6] ghostjobs,
--- KEYS[7] config (all nac:{ns}:<name>), then the node hashes of the job's nodes, in its order.
+-- KEYS[7] config, KEYS[8] evbytes (all nac:{ns}:<name>), then the node hashes of the job's nodes, in its order.
 -- ARGV[1] job id, ARGV[2] owner (release only), ARGV[3] "release", "expire" or "force",
--- ARGV[4] event history cap, ARGV[5] number of actions, ARGV[6] default lock-delay in ms,
+-- ARGV[4] history caps "events,bytes,notices", ARGV[5] number of actions, ARGV[6] default lock-delay in ms,
 -- ARGV[7] reason and ARGV[8] actor (force only).
 --
 -- Returns one of
@@ -16,12 +16,13 @@
 -- (config field lock_delay_ms, else ARGV[6]); a clean release never does. Every replica may run
 -- "expire" for the same job at once: only the first finds it.
 
-local FIXED = 7
+local FIXED = 8
 local keys = namespace_keys('jobs')
-local bad = expect_keys(keys, {'jobs', 'leases', 'rev', 'events', 'ghosts', 'ghostjobs', 'config'})
+local bad = expect_keys(keys, {'jobs', 'leases', 'rev', 'events', 'ghosts', 'ghostjobs', 'config',
+  'evbytes'})
 if bad then return bad end
 
-local job_id, owner, mode, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local job_id, owner, mode, limits = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local nactions, default_delay = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local stored = redis.call('HGET', keys.jobs, job_id)
@@ -71,5 +72,5 @@ local extra = {}
 if mode == 'force' then
   extra = {'reason', ARGV[7], 'actor', ARGV[8]}
 end
-local revision = emit(keys.rev, keys.events, maxlen, event_type, stored, now, extra)
+local revision = emit(keys, limits, event_type, stored, now, extra)
 return {'released', revision, stored, delay_end}

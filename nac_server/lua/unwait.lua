@@ -1,20 +1,20 @@
 -- Unwait: take a waiting job out of its queues without a grant.
 --
--- KEYS[1] waiters, KEYS[2] waitexp, KEYS[3] rev, KEYS[4] events (all nac:{ns}:<name>), then the
--- queue of each of the waiter's nodes, in its order.
+-- KEYS[1] waiters, KEYS[2] waitexp, KEYS[3] rev, KEYS[4] events, KEYS[5] evbytes
+-- (all nac:{ns}:<name>), then the queue of each of the waiter's nodes, in its order.
 -- ARGV[1] job id, ARGV[2] "leave" (its wait ended or its client went away) or "lapsed" (the
--- sweep found its liveness over), ARGV[3] event history cap.
+-- sweep found its liveness over), ARGV[3] history caps "events,bytes,notices".
 --
 -- Returns {"left", revision} with a WAIT_ENDED event, {"absent", revision} when it is not
 -- waiting (granted meanwhile, or already gone), {"alive", revision} for "lapsed" when the waiter
 -- was refreshed meanwhile, or {"retry", revision, waiter_json} when KEYS named other queues.
 
-local FIXED = 4
+local FIXED = 5
 local keys = namespace_keys('waiters')
-local bad = expect_keys(keys, {'waiters', 'waitexp', 'rev', 'events'})
+local bad = expect_keys(keys, {'waiters', 'waitexp', 'rev', 'events', 'evbytes'})
 if bad then return bad end
 
-local job_id, mode, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local job_id, mode, limits = ARGV[1], ARGV[2], ARGV[3]
 local stored = redis.call('HGET', keys.waiters, job_id)
 if not stored then
   return {'absent', current_revision(keys.rev)}
@@ -32,4 +32,4 @@ for i = 1, #record.nodes do
 end
 redis.call('HDEL', keys.waiters, job_id)
 redis.call('ZREM', keys.waitexp, job_id)
-return {'left', emit(keys.rev, keys.events, maxlen, 'WAIT_ENDED', stored, now)}
+return {'left', emit(keys, limits, 'WAIT_ENDED', stored, now)}

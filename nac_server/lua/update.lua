@@ -1,14 +1,15 @@
 -- Update: convert a held job to a new node list and masks, all nodes or none.
 --
 -- KEYS[1] jobs, KEYS[2] rev, KEYS[3] events, KEYS[4] ghosts, KEYS[5] ghostjobs,
--- KEYS[6] contended (all nac:{ns}:<name>), then the node hashes of the job's current nodes in its
+-- KEYS[6] contended, KEYS[7] evbytes, KEYS[8] notices (all nac:{ns}:<name>), then the node hashes of the job's current nodes in its
 -- order, then those of the requested nodes in request order (a node may appear in both).
--- ARGV[1] job id, ARGV[2] owner, ARGV[3] "1" for a dry run, ARGV[4] event history cap,
+-- ARGV[1] job id, ARGV[2] owner, ARGV[3] "1" for a dry run, ARGV[4] history caps "events,bytes,notices",
 -- ARGV[5] number of actions, ARGV[6] how many current nodes KEYS names,
 -- ARGV[7..] per requested node: name, require mask, allow mask.
 --
 -- Returns one of
---   {"updated", revision, job_json}       converted; UPDATED event; same token and lease
+--   {"updated", revision, job_json}       converted; UPDATED event (naming the nodes it no
+--                                         longer holds); same token and lease
 --   {"unchanged", revision, job_json}     the job already has exactly these nodes and masks
 --   {"would_update", revision, job_json}  dry run, no conflict
 --   {"refused", revision, job_json, c...} conflicts as flat groups of seven; job untouched
@@ -18,12 +19,13 @@
 -- The job is checked against the other holders and lost holders of each node, never against
 -- itself and never against waiters: a conversion goes ahead of the queue.
 
-local FIXED = 6
+local FIXED = 8
 local keys = namespace_keys('jobs')
-local bad = expect_keys(keys, {'jobs', 'rev', 'events', 'ghosts', 'ghostjobs', 'contended'})
+local bad = expect_keys(keys, {'jobs', 'rev', 'events', 'ghosts', 'ghostjobs', 'contended',
+  'evbytes', 'notices'})
 if bad then return bad end
 
-local job_id, owner, dry_run, maxlen = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
+local job_id, owner, dry_run, limits = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
 local nactions, current_count = tonumber(ARGV[5]), tonumber(ARGV[6])
 local nodes = {}
 for i = 7, #ARGV, 3 do
@@ -57,9 +59,7 @@ end
 
 if #conflicts > 0 then
   if not dry_run then
-    local wanted = cjson.decode(stored)
-    wanted.nodes = nodes
-    note_contentions(keys, maxlen, conflicts, job_id, cjson.encode(wanted), now_ms())
+    note_contentions(keys, limits, conflicts, nodes, job_id, owner, record.op, now_ms())
   end
   local reply = {'refused', current_revision(keys.rev), stored}
   for _, v in ipairs(conflicts) do
@@ -77,7 +77,22 @@ end
 for i, node in ipairs(nodes) do
   add_holder(new_key(i), job_id, node[2], node[3], nactions)
 end
+-- Watchers and waiters of a node the job lets go must hear of it too.
+local kept, dropped = {}, {}
+for _, node in ipairs(nodes) do
+  kept[node[1]] = true
+end
+for _, node in ipairs(record.nodes) do
+  if not kept[node[1]] then
+    dropped[#dropped + 1] = node[1]
+  end
+end
+local extra = {}
+if #dropped > 0 then
+  extra = {'dropped', cjson.encode(dropped)}
+end
 record.nodes = nodes
 local record_json = cjson.encode(record)
 redis.call('HSET', keys.jobs, job_id, record_json)
-return {'updated', emit(keys.rev, keys.events, maxlen, 'UPDATED', record_json, now_ms()), record_json}
+local revision = emit(keys, limits, 'UPDATED', record_json, now_ms(), extra)
+return {'updated', revision, record_json}

@@ -18,8 +18,11 @@ The rule: a new job is refused on a node if it requires an action that some curr
 does not allow, or if it does not allow an action that some current job there requires. A job is
 granted only if no node refuses it: all nodes or none. Two jobs of the same owner do conflict.
 
-Every change of state (grant, release, expiry) takes the next revision of its namespace and
-appends one event, so revisions count events one by one and Watch can resume without gaps.
+Every change of state takes the next revision of its namespace and appends one event to its
+history, so revisions count those events one by one and Watch can resume without gaps. The
+changes of state are ACQUIRED, RELEASED, EXPIRED, UPDATED, FORCE_RELEASED, WAITING, WAIT_ENDED
+and LOCK_DELAY_ENDED. CONTENDED is advisory: it takes no revision, is kept apart from the
+history and never pushes a change of state out of it (see WatchEvent.notice).
 """
 
 from collections import abc as _abc
@@ -441,11 +444,15 @@ class WatchRequest(_message.Message):
     JOB_IDS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     start_revision: _builtins.int
-    """First revision to send. 0 means after the current revision. Not with snapshot."""
+    """First revision to send: its change of state and the notices that followed it. 0 means after
+    the current revision. Not with snapshot.
+    """
     snapshot: _builtins.bool
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events whose job holds one of these nodes. Empty means the whole namespace."""
+        """Only events about one of these nodes: held by the event's job (for UPDATED, before or after
+        it), or in conflict for CONTENDED. Empty means the whole namespace.
+        """
 
     @_builtins.property
     def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -490,8 +497,9 @@ class WatchEvent(_message.Message):
         SNAPSHOT_COMPLETE: WatchEvent._Type.ValueType  # 6
         """The snapshot is complete; live events from revision + 1 follow. Carries no job."""
         CONTENDED: WatchEvent._Type.ValueType  # 7
-        """A job was refused or queued because of the holder `job`; `contention` says who and why.
-        At most one per (holder, waiter) pair per second.
+        """Advisory notice: a job was refused or queued because of the holder `job`; `contention`
+        says who and why. At most one per holder and waiting owner per second; a refusal notifies
+        at most 8 holders, each notice naming at most 16 conflicts. Takes no revision.
         """
         FORCE_RELEASED: WatchEvent._Type.ValueType  # 8
         """An operator ended `job`; `reason` and `actor` say why and who."""
@@ -513,8 +521,9 @@ class WatchEvent(_message.Message):
     SNAPSHOT_COMPLETE: WatchEvent.Type.ValueType  # 6
     """The snapshot is complete; live events from revision + 1 follow. Carries no job."""
     CONTENDED: WatchEvent.Type.ValueType  # 7
-    """A job was refused or queued because of the holder `job`; `contention` says who and why.
-    At most one per (holder, waiter) pair per second.
+    """Advisory notice: a job was refused or queued because of the holder `job`; `contention`
+    says who and why. At most one per holder and waiting owner per second; a refusal notifies
+    at most 8 holders, each notice naming at most 16 conflicts. Takes no revision.
     """
     FORCE_RELEASED: WatchEvent.Type.ValueType  # 8
     """An operator ended `job`; `reason` and `actor` say why and who."""
@@ -532,20 +541,34 @@ class WatchEvent(_message.Message):
     CONTENTION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    DROPPED_NODES_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
+    """The revision of the change of state; for a notice (CONTENDED), that of the last change
+    before it.
+    """
     type: Global___WatchEvent.Type.ValueType
     reason: _builtins.str
     actor: _builtins.str
+    notice: _builtins.int
+    """0 for a change of state. For a notice, its place k = 1, 2, ... among the notices sent after
+    `revision`: events are ordered by (revision, notice).
+    """
     @_builtins.property
     def job(self) -> Global___Job:
         """The job as it is after the event; for RELEASED, EXPIRED and FORCE_RELEASED, as it was when it
-        ended; for CONTENDED, the holder in the way.
+        ended; for CONTENDED, the holder in the way, by job_id, owner and operation only (GetJob
+        has the rest).
         """
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def contention(self) -> Global___Contention: ...
+    @_builtins.property
+    def dropped_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For UPDATED: the nodes the job held before the update and no longer holds."""
+
     def __init__(
         self,
         *,
@@ -556,10 +579,12 @@ class WatchEvent(_message.Message):
         contention: Global___Contention | None = ...,
         reason: _builtins.str = ...,
         actor: _builtins.str = ...,
+        dropped_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        notice: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contention", b"contention", "job", b"job", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "contention", b"contention", "job", b"job", "reason", b"reason", "revision", b"revision", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "contention", b"contention", "dropped_nodes", b"dropped_nodes", "job", b"job", "notice", b"notice", "reason", b"reason", "revision", b"revision", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,7 +599,9 @@ class Contention(_message.Message):
     WAITER_FIELD_NUMBER: _builtins.int
     CONFLICTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def waiter(self) -> Global___Job: ...
+    def waiter(self) -> Global___Job:
+        """The job kept out, by job_id, owner and operation only."""
+
     @_builtins.property
     def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conflict]: ...
     def __init__(

@@ -143,10 +143,19 @@ class NodeAccessControlServicer:
         the kept history from R, then continues live, with no gap and no duplicate. With neither, it
         sends the events after the current revision.
 
-        History is capped. A start_revision older than the oldest kept event ends the stream with
-        OUT_OF_RANGE: take a snapshot and resume from its revision. A watcher that cannot keep up with
-        the event rate is ended with RESOURCE_EXHAUSTED; resume from the revision after the last event
-        it received. Server shutdown ends the stream with UNAVAILABLE.
+        History is capped, in changes of state and in bytes (the server's --history and
+        --history-bytes; whichever is reached first). Only changes of state count: a watcher that
+        resumes from a revision among the last --history changes never gets OUT_OF_RANGE, however
+        many CONTENDED notices were sent meanwhile. A start_revision older than the oldest kept
+        change ends the stream with OUT_OF_RANGE: take a snapshot and resume from its revision. A
+        watcher that cannot keep up with the event rate is ended with RESOURCE_EXHAUSTED; resume from
+        the revision after the last event it received. Server shutdown ends the stream with
+        UNAVAILABLE. Both carry the revision to resume from.
+
+        CONTENDED notices come in order with the changes of state (see WatchEvent.notice) to the
+        watchers whose filters they pass, but they are advisory: they are kept apart in a smaller
+        capped stream, and a resumed watch gets only those still kept after its start_revision; one
+        sent while a watcher was away may be lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

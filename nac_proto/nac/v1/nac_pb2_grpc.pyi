@@ -18,8 +18,11 @@ The rule: a new job is refused on a node if it requires an action that some curr
 does not allow, or if it does not allow an action that some current job there requires. A job is
 granted only if no node refuses it: all nodes or none. Two jobs of the same owner do conflict.
 
-Every change of state (grant, release, expiry) takes the next revision of its namespace and
-appends one event, so revisions count events one by one and Watch can resume without gaps.
+Every change of state takes the next revision of its namespace and appends one event to its
+history, so revisions count those events one by one and Watch can resume without gaps. The
+changes of state are ACQUIRED, RELEASED, EXPIRED, UPDATED, FORCE_RELEASED, WAITING, WAIT_ENDED
+and LOCK_DELAY_ENDED. CONTENDED is advisory: it takes no revision, is kept apart from the
+history and never pushes a change of state out of it (see WatchEvent.notice).
 """
 
 from collections import abc as _abc
@@ -90,10 +93,19 @@ class NodeAccessControlStub:
     the kept history from R, then continues live, with no gap and no duplicate. With neither, it
     sends the events after the current revision.
 
-    History is capped. A start_revision older than the oldest kept event ends the stream with
-    OUT_OF_RANGE: take a snapshot and resume from its revision. A watcher that cannot keep up with
-    the event rate is ended with RESOURCE_EXHAUSTED; resume from the revision after the last event
-    it received. Server shutdown ends the stream with UNAVAILABLE.
+    History is capped, in changes of state and in bytes (the server's --history and
+    --history-bytes; whichever is reached first). Only changes of state count: a watcher that
+    resumes from a revision among the last --history changes never gets OUT_OF_RANGE, however
+    many CONTENDED notices were sent meanwhile. A start_revision older than the oldest kept
+    change ends the stream with OUT_OF_RANGE: take a snapshot and resume from its revision. A
+    watcher that cannot keep up with the event rate is ended with RESOURCE_EXHAUSTED; resume from
+    the revision after the last event it received. Server shutdown ends the stream with
+    UNAVAILABLE. Both carry the revision to resume from.
+
+    CONTENDED notices come in order with the changes of state (see WatchEvent.notice) to the
+    watchers whose filters they pass, but they are advisory: they are kept apart in a smaller
+    capped stream, and a resumed watch gets only those still kept after its start_revision; one
+    sent while a watcher was away may be lost.
     """
     KeepAlive: _grpc.StreamStreamMultiCallable[_nac_pb2.KeepAliveRequest, _nac_pb2.KeepAliveResponse]
     """KeepAlive renews leases: each request pushes its job's expiry to now + the job's TTL and gets
@@ -175,10 +187,19 @@ class NodeAccessControlAsyncStub(NodeAccessControlStub):
     the kept history from R, then continues live, with no gap and no duplicate. With neither, it
     sends the events after the current revision.
 
-    History is capped. A start_revision older than the oldest kept event ends the stream with
-    OUT_OF_RANGE: take a snapshot and resume from its revision. A watcher that cannot keep up with
-    the event rate is ended with RESOURCE_EXHAUSTED; resume from the revision after the last event
-    it received. Server shutdown ends the stream with UNAVAILABLE.
+    History is capped, in changes of state and in bytes (the server's --history and
+    --history-bytes; whichever is reached first). Only changes of state count: a watcher that
+    resumes from a revision among the last --history changes never gets OUT_OF_RANGE, however
+    many CONTENDED notices were sent meanwhile. A start_revision older than the oldest kept
+    change ends the stream with OUT_OF_RANGE: take a snapshot and resume from its revision. A
+    watcher that cannot keep up with the event rate is ended with RESOURCE_EXHAUSTED; resume from
+    the revision after the last event it received. Server shutdown ends the stream with
+    UNAVAILABLE. Both carry the revision to resume from.
+
+    CONTENDED notices come in order with the changes of state (see WatchEvent.notice) to the
+    watchers whose filters they pass, but they are advisory: they are kept apart in a smaller
+    capped stream, and a resumed watch gets only those still kept after its start_revision; one
+    sent while a watcher was away may be lost.
     """
     KeepAlive: _aio.StreamStreamMultiCallable[_nac_pb2.KeepAliveRequest, _nac_pb2.KeepAliveResponse]  # type: ignore[assignment]
     """KeepAlive renews leases: each request pushes its job's expiry to now + the job's TTL and gets
@@ -275,10 +296,19 @@ class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
         the kept history from R, then continues live, with no gap and no duplicate. With neither, it
         sends the events after the current revision.
 
-        History is capped. A start_revision older than the oldest kept event ends the stream with
-        OUT_OF_RANGE: take a snapshot and resume from its revision. A watcher that cannot keep up with
-        the event rate is ended with RESOURCE_EXHAUSTED; resume from the revision after the last event
-        it received. Server shutdown ends the stream with UNAVAILABLE.
+        History is capped, in changes of state and in bytes (the server's --history and
+        --history-bytes; whichever is reached first). Only changes of state count: a watcher that
+        resumes from a revision among the last --history changes never gets OUT_OF_RANGE, however
+        many CONTENDED notices were sent meanwhile. A start_revision older than the oldest kept
+        change ends the stream with OUT_OF_RANGE: take a snapshot and resume from its revision. A
+        watcher that cannot keep up with the event rate is ended with RESOURCE_EXHAUSTED; resume from
+        the revision after the last event it received. Server shutdown ends the stream with
+        UNAVAILABLE. Both carry the revision to resume from.
+
+        CONTENDED notices come in order with the changes of state (see WatchEvent.notice) to the
+        watchers whose filters they pass, but they are advisory: they are kept apart in a smaller
+        capped stream, and a resumed watch gets only those still kept after its start_revision; one
+        sent while a watcher was away may be lost.
         """
 
     @_abc_1.abstractmethod

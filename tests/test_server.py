@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -280,7 +281,9 @@ def test_reflection_lists_the_service_and_calls_acquire_without_the_proto(
         assert {"nac.v1.NodeAccessControl", "grpc.health.v1.Health"} <= services
         pool = descriptor_pool.DescriptorPool(database)
         method = pool.FindServiceByName("nac.v1.NodeAccessControl").FindMethodByName("Acquire")
-        request_class = message_factory.GetMessageClass(method.input_type)
+        # The class is built from the reflected descriptor, so no stub knows its fields: its
+        # constructor takes them as keywords at run time, which `type[Message]` does not say.
+        request_class: Callable[..., Message] = message_factory.GetMessageClass(method.input_type)
         reply_class = message_factory.GetMessageClass(method.output_type)
         dynamic = request_class(
             namespace=namespace,

@@ -287,6 +287,60 @@ class LuaModelMachine(RuleBasedStateMachine):
             )
             self.reach("lock-delay ended")
 
+    def do_update(self, request: UpdateRequest) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(
+            self.store.update(
+                NS, request.job_id, request.owner, request.nodes, dry_run=request.dry_run
+            )
+        )
+        expected = self.check(request, stored, started)
+        self.reach(f"update {expected.outcome.name}")
+        return expected
+
+    def do_release(self, job_id: str, owner: str) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(self.store.release(NS, job_id, owner))
+        return self.check(ReleaseRequest(job_id, owner), stored, started)
+
+    def do_force_release(self, job_id: str) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
+        expected = self.check(ForceReleaseRequest(job_id), stored, started)
+        if expected.outcome is Outcome.RELEASED:
+            self.reach("force-release into lock-delay")
+        return expected
+
+    def do_unwait(self, job: Job) -> bool:
+        """The waiting call for job gives up; whether it was queued."""
+        started = self.store_time_ms()
+        left = self.run(self.store.unwait(NS, Waiter(job, 0, 0), "leave"))
+        revision = self.run(self.store.revision(NS))
+        stored = (
+            Response(Outcome.RELEASED, revision, job)
+            if left
+            else Response(Outcome.NOT_HELD, revision)
+        )
+        self.check(UnwaitRequest(job.job_id), stored, started)
+        if left:
+            self.reach("unwait left")
+        return left
+
+    def contested(self) -> list[tuple[str, str]]:
+        """(held job, node) pairs where another holder or a lock-delay keeps that node from being
+        taken exclusively, so that a conversion taking it must be refused."""
+        blocking = [*self.state.jobs.values(), *(lost for lost, _ in self.state.delays.values())]
+        return sorted(
+            {
+                (job_id, access.node)
+                for job_id in self.state.jobs
+                for other in blocking
+                if other.job_id != job_id
+                for access in other.nodes
+                if (access.require, access.allow) != (0, ALL_MASK)
+            }
+        )
+
     # --- rules --------------------------------------------------------------------------------
 
     @rule(
@@ -356,10 +410,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         waiter = data.draw(st.sampled_from(self.state.waiters))
         in_the_way = self.state.conflicts(waiter.job.nodes, seq=waiter.seq)
         for job_id in sorted({c.holder_job_id for c in in_the_way if c.kind in LIVE_KINDS}):
-            owner = self.state.jobs[job_id].owner
-            started = self.store_time_ms()
-            stored = self.run(self.store.release(NS, job_id, owner))
-            self.check(ReleaseRequest(job_id, owner), stored, started)
+            self.do_release(job_id, self.state.jobs[job_id].owner)
         job = waiter.job
         answer = self.do_acquire(AcquireRequest(job.job_id, job.owner, job.operation, job.nodes))
         assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
@@ -456,16 +507,23 @@ class LuaModelMachine(RuleBasedStateMachine):
         held = self.state.jobs.get(job_id)
         owner = held.owner if held is not None and right_owner else other_owner
         # A dry run one time in four.
-        request = UpdateRequest(job_id, owner, nodes, dry_run=not dry_run)
-        started = self.store_time_ms()
-        stored = self.run(self.store.update(NS, job_id, owner, nodes, dry_run=request.dry_run))
-        expected = self.check(request, stored, started)
-        self.reach(f"update {expected.outcome.name}")
+        expected = self.do_update(UpdateRequest(job_id, owner, nodes, dry_run=not dry_run))
         if held is not None and owner == held.owner:
             if how == "loosen":
                 assert expected.outcome in (Outcome.UPDATED, Outcome.UNCHANGED, Outcome.WOULD_GRANT)
             if how == "same":
                 assert expected.outcome is Outcome.UNCHANGED
+
+    @precondition(lambda self: bool(self.contested()))
+    @rule(data=st.data(), dry_run=st.booleans())
+    def update_contested(self, data: st.DataObject, dry_run: bool) -> None:
+        """A holder converts to take, exclusively, a node that another holder or a lock-delay
+        blocks: refused, whatever else it keeps. (Random conversions rarely collide.)"""
+        job_id, node = data.draw(st.sampled_from(self.contested()))
+        job = self.state.jobs[job_id]
+        nodes = (*(a for a in job.nodes if a.node != node), NodeAccess(node, ALL_MASK, 0))
+        answer = self.do_update(UpdateRequest(job_id, job.owner, nodes, dry_run=dry_run))
+        assert answer.outcome is Outcome.REFUSED, answer
 
     @precondition(lambda self: bool(self.state.waiters))
     @rule(data=st.data())
@@ -479,17 +537,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         job = (
             queued.job if queued is not None else Job(job_id, "host-a", "op", data.draw(node_lists))
         )
-        started = self.store_time_ms()
-        left = self.run(self.store.unwait(NS, Waiter(job, 0, 0), "leave"))
-        revision = self.run(self.store.revision(NS))
-        stored = (
-            Response(Outcome.RELEASED, revision, job)
-            if left
-            else Response(Outcome.NOT_HELD, revision)
-        )
-        self.check(UnwaitRequest(job_id), stored, started)
-        if left:
-            self.reach("unwait left")
+        assert self.do_unwait(job) == (queued is not None)
 
     @rule(
         data=st.data(),
@@ -505,16 +553,11 @@ class LuaModelMachine(RuleBasedStateMachine):
             ids = st.sampled_from(sorted(self.state.jobs)) | ids
         job_id = data.draw(ids)
         held = self.state.jobs.get(job_id)
-        started = self.store_time_ms()
         if how == "force":
-            stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
-            expected = self.check(ForceReleaseRequest(job_id), stored, started)
-            if expected.outcome is Outcome.RELEASED:
-                self.reach("force-release into lock-delay")
+            self.do_force_release(job_id)
             return
         owner = held.owner if held is not None and right_owner else other_owner
-        stored = self.run(self.store.release(NS, job_id, owner))
-        self.check(ReleaseRequest(job_id, owner), stored, started)
+        self.do_release(job_id, owner)
 
     @precondition(lambda self: bool(self.state.jobs))
     @rule(data=st.data(), force=st.booleans())
@@ -524,10 +567,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         if not force:
             self.expire(job_id)
             return
-        started = self.store_time_ms()
-        stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
-        self.check(ForceReleaseRequest(job_id), stored, started)
-        self.reach("force-release into lock-delay")
+        assert self.do_force_release(job_id).outcome is Outcome.RELEASED
 
     def expire(self, job_id: str) -> None:
         # Stands in for time passing: this lease, and only this one, has run out.

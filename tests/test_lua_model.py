@@ -4,7 +4,9 @@ The state machine below runs every request the store serves: acquire (with and w
 dry runs, retries and re-checks of queued jobs), update, unwait, release, expire, force-release
 and the end of a lock-delay. After every step it compares the answer and the whole stored state
 with the model: holders, waiters in queue order, each node's tallies, queue and lock-delays, the
-event stream and the set of Redis keys.
+event stream and the set of Redis keys. A scripted history, branch_walk, drives the same machine
+through every branch of MUST_REACH on purpose, so that coverage does not depend on the examples
+hypothesis happens to draw.
 
 CONTENDED events are rate-limited by the store's clock, so the model does not have them; they
 still take revisions. A store revision R is therefore compared as the number of other events with
@@ -14,15 +16,18 @@ a revision up to R, and the CONTENDED events are checked on their own.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
@@ -93,7 +98,7 @@ node_lists = st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=Tru
 
 # What the runs reached, over every example of the stateful test.
 REACHED: Counter[str] = Counter()
-# Branches a run must reach, or it proves little.
+# Branches that branch_walk reaches on purpose (the random runs print how often they reach each).
 MUST_REACH = (
     "acquire GRANTED",
     "acquire REFUSED",
@@ -162,7 +167,9 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     def reach(self, branch: str) -> None:
         REACHED[branch] += 1
-        note_event(branch)
+        # The scripted walk drives the machine outside a hypothesis test.
+        if currently_in_test_context():
+            note_event(branch)
 
     # --- revisions and events ---------------------------------------------------------------
 
@@ -588,6 +595,13 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     # --- the whole state ----------------------------------------------------------------------
 
+    def check_whole_state(self) -> None:
+        """Every invariant below, for a history driven step by step rather than by hypothesis."""
+        self.jobs_and_waiters_match()
+        self.nodes_match()
+        self.events_match()
+        self.no_other_keys()
+
     @invariant()
     def jobs_and_waiters_match(self) -> None:
         revision, jobs, waiters = self.run(self.store.snapshot(NS))
@@ -670,8 +684,10 @@ def redis_url(redis_process: RedisProcess) -> str:
 
 
 def test_lua_scripts_match_the_model(redis_url: str) -> None:
-    """Every answer and the whole stored state match the model after every step, and the runs
-    reach every interesting branch."""
+    """Every answer and the whole stored state match the model after every step of random
+    histories. The examples are fixed by the hypothesis profile (see conftest.py); a longer random
+    run is scripts/fuzz-model, which sets NAC_MODEL_EXAMPLES and NAC_MODEL_STEPS. Which branches
+    the histories reach is printed; test_every_branch_on_purpose reaches each by construction."""
 
     class Bound(LuaModelMachine):
         url = redis_url
@@ -680,15 +696,120 @@ def test_lua_scripts_match_the_model(redis_url: str) -> None:
     run_state_machine_as_test(
         Bound,
         settings=settings(
-            max_examples=80,
-            stateful_step_count=30,
+            max_examples=int(os.environ.get("NAC_MODEL_EXAMPLES", "80")),
+            stateful_step_count=int(os.environ.get("NAC_MODEL_STEPS", "30")),
+            # Each step is several round trips to Redis.
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
-    missing = [branch for branch in MUST_REACH if not REACHED[branch]]
-    assert not missing, f"{missing} not reached; reached: {sorted(REACHED.items())}"
     print("branches reached:", dict(sorted(REACHED.items())))
+    missing = [branch for branch in MUST_REACH if not REACHED[branch]]
+    if missing:
+        print("not reached by these random histories:", missing)
+
+
+def sole(node: str) -> NodeAccess:
+    return NodeAccess(node, ALL_MASK, 0)
+
+
+def shared(node: str) -> NodeAccess:
+    return NodeAccess(node, READS, ALL_MASK)
+
+
+Step = tuple[Callable[[], object], tuple[str, ...]]
+
+
+def branch_walk(m: LuaModelMachine) -> list[Step]:
+    """A history that reaches every branch of MUST_REACH on purpose: each step, and the branches
+    it must reach (more may follow)."""
+
+    def acquire(
+        job_id: str, owner: str, *nodes: NodeAccess, wait: bool = False
+    ) -> Callable[[], object]:
+        return lambda: m.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, wait=wait))
+
+    def dry_run(job_id: str, owner: str, *nodes: NodeAccess) -> Callable[[], object]:
+        return lambda: m.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, dry_run=True))
+
+    def update(job_id: str, *nodes: NodeAccess) -> Callable[[], object]:
+        return lambda: m.do_update(UpdateRequest(job_id, m.state.jobs[job_id].owner, nodes))
+
+    def unwait(job_id: str) -> Callable[[], object]:
+        def leave() -> None:
+            waiter = m.state.waiter(job_id)
+            assert waiter is not None, job_id
+            m.do_unwait(waiter.job)
+
+        return leave
+
+    a, b, c = NODES[:3]
+    return [
+        (acquire("j0", "host-a", sole(a)), ("acquire GRANTED",)),
+        # The first refusal of a pair always tells the holder; a dry run never does.
+        (acquire("j1", "host-b", shared(a)), ("acquire REFUSED", "CONTENDED event")),
+        (dry_run("j1", "host-b", shared(a)), ("acquire REFUSED",)),
+        (acquire("j1", "host-b", shared(a), sole(b), wait=True), ("acquire QUEUED (new waiter)",)),
+        (
+            acquire("j1", "host-b", sole(b), shared(a), wait=True),
+            ("acquire QUEUED (re-check kept its place)",),
+        ),
+        # Nothing holds b, but j1 waits for it first.
+        (acquire("j2", "host-c", shared(b)), ("acquire REFUSED", "conflict WAITING_AHEAD")),
+        (partial(m.do_release, "j0", "host-a"), ()),
+        (
+            acquire("j1", "host-b", shared(a), sole(b)),
+            ("acquire GRANTED", "acquire GRANTED from the queue"),
+        ),
+        # host-a holds c and waits for a, which j1 of host-b holds; host-b waiting for c would
+        # close the cycle.
+        (acquire("j2", "host-a", sole(c)), ("acquire GRANTED",)),
+        (acquire("j3", "host-a", sole(a), wait=True), ("acquire QUEUED (new waiter)",)),
+        (acquire("j4", "host-b", sole(c), wait=True), ("acquire DEADLOCK",)),
+        (unwait("j3"), ("unwait left",)),
+        (update("j1", shared(a), shared(b)), ("update UPDATED",)),
+        (update("j1", shared(b), shared(a)), ("update UNCHANGED",)),
+        # Taking c, which j2 holds alone.
+        (update("j1", shared(a), shared(b), sole(c)), ("update REFUSED",)),
+        (partial(m.expire, "j2"), ("expire into lock-delay",)),
+        (acquire("j5", "host-c", shared(c)), ("acquire REFUSED", "conflict LOCK_DELAY")),
+        (update("j1", shared(a), sole(c)), ("update REFUSED", "conflict LOCK_DELAY")),
+        (partial(m.end_delay, "j2"), ("lock-delay ended",)),
+        (acquire("j5", "host-c", shared(c)), ("acquire GRANTED",)),
+        (partial(m.do_force_release, "j1"), ("force-release into lock-delay",)),
+        (acquire("j6", "host-c", sole(b)), ("acquire REFUSED", "conflict LOCK_DELAY")),
+        (partial(m.end_delay, "j1"), ("lock-delay ended",)),
+        (acquire("j6", "host-c", sole(b)), ("acquire GRANTED",)),
+        (partial(m.do_release, "j5", "host-c"), ()),
+        (partial(m.do_release, "j6", "host-c"), ()),
+    ]
+
+
+def test_every_branch_on_purpose(redis_url: str) -> None:
+    """branch_walk reaches each branch of MUST_REACH by construction: every step must reach the
+    branches it names, and the model's answer and the whole stored state are compared after it,
+    as in the random runs."""
+
+    class Bound(LuaModelMachine):
+        url = redis_url
+
+    machine = Bound()
+    walked: Counter[str] = Counter()
+    try:
+        machine.check_whole_state()
+        for number, (action, branches) in enumerate(branch_walk(machine), 1):
+            before = REACHED.copy()
+            action()
+            machine.check_whole_state()
+            gained = REACHED - before
+            assert set(branches) <= set(gained), (number, branches, dict(gained))
+            walked.update(gained)
+        assert (machine.state.jobs, machine.state.waiters, machine.state.delays) == ({}, (), {})
+    finally:
+        machine.teardown()
+    print("branches walked:", dict(sorted(walked.items())))
+    missing = [branch for branch in MUST_REACH if not walked[branch]]
+    assert not missing, f"{missing} not reached on purpose"
 
 
 async def test_acquire_recovers_from_script_flush(store: Store, redis: Redis) -> None:

@@ -1,11 +1,20 @@
-"""Fixtures: a real redis-server per test session, started on a free port and stopped after."""
+"""Fixtures: a real redis-server per test session, started on a free port and stopped after.
+
+Also the hypothesis profiles. "ci", loaded unless another is chosen, makes every property test
+deterministic: the examples come from a hash of the test, not from the clock or a local example
+database, so a run passes or fails the same on every machine, and a failure prints the blob that
+replays it. "fuzz" draws new random examples (replayable with --hypothesis-seed) for long runs;
+scripts/fuzz-model uses it. Choose one with --hypothesis-profile or HYPOTHESIS_PROFILE.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
 from nac_server.embedded import RedisProcess
@@ -13,6 +22,27 @@ from nac_server.store import Store
 from tests.servers import ServerProcess
 
 ADMIN_TOKEN = "test-admin-token"
+
+# Nothing that depends on the machine's speed decides a result either: no deadline, and no
+# health check that times the data generation.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "fuzz",
+    derandomize=False,
+    # A replay with the same seed must draw the same examples, not saved ones first.
+    database=None,
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ The state machine below runs every request the store serves: acquire (with and w
 dry runs, retries and re-checks of queued jobs), update, unwait, release, expire, force-release
 and the end of a lock-delay. After every step it compares the answer and the whole stored state
 with the model: holders, waiters in queue order, each node's tallies, queue and lock-delays, the
-event stream and the set of Redis keys.
+event stream and the set of Redis keys. A scripted history, branch_walk, drives the same machine
+through every branch of MUST_REACH on purpose, so that coverage does not depend on the examples
+hypothesis happens to draw.
 
 CONTENDED notices are rate-limited by the store's clock, so the model does not have them. They
 take no revision and live in their own stream, so revisions compare one for one, and the notices
@@ -14,15 +16,18 @@ are checked on their own.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
@@ -94,7 +99,7 @@ node_lists = st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=Tru
 
 # What the runs reached, over every example of the stateful test.
 REACHED: Counter[str] = Counter()
-# Branches a run must reach, or it proves little.
+# Branches that branch_walk reaches on purpose (the random runs print how often they reach each).
 MUST_REACH = (
     "acquire GRANTED",
     "acquire REFUSED",
@@ -164,7 +169,9 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     def reach(self, branch: str) -> None:
         REACHED[branch] += 1
-        note_event(branch)
+        # The scripted walk drives the machine outside a hypothesis test.
+        if currently_in_test_context():
+            note_event(branch)
 
     # --- revisions and events ---------------------------------------------------------------
 
@@ -305,6 +312,60 @@ class LuaModelMachine(RuleBasedStateMachine):
             )
             self.reach("lock-delay ended")
 
+    def do_update(self, request: UpdateRequest) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(
+            self.store.update(
+                NS, request.job_id, request.owner, request.nodes, dry_run=request.dry_run
+            )
+        )
+        expected = self.check(request, stored, started)
+        self.reach(f"update {expected.outcome.name}")
+        return expected
+
+    def do_release(self, job_id: str, owner: str) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(self.store.release(NS, job_id, owner))
+        return self.check(ReleaseRequest(job_id, owner), stored, started)
+
+    def do_force_release(self, job_id: str) -> Response:
+        started = self.store_time_ms()
+        stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
+        expected = self.check(ForceReleaseRequest(job_id), stored, started)
+        if expected.outcome is Outcome.RELEASED:
+            self.reach("force-release into lock-delay")
+        return expected
+
+    def do_unwait(self, job: Job) -> bool:
+        """The waiting call for job gives up; whether it was queued."""
+        started = self.store_time_ms()
+        left = self.run(self.store.unwait(NS, Waiter(job, 0, 0), "leave"))
+        revision = self.run(self.store.revision(NS))
+        stored = (
+            Response(Outcome.RELEASED, revision, job)
+            if left
+            else Response(Outcome.NOT_HELD, revision)
+        )
+        self.check(UnwaitRequest(job.job_id), stored, started)
+        if left:
+            self.reach("unwait left")
+        return left
+
+    def contested(self) -> list[tuple[str, str]]:
+        """(held job, node) pairs where another holder or a lock-delay keeps that node from being
+        taken exclusively, so that a conversion taking it must be refused."""
+        blocking = [*self.state.jobs.values(), *(lost for lost, _ in self.state.delays.values())]
+        return sorted(
+            {
+                (job_id, access.node)
+                for job_id in self.state.jobs
+                for other in blocking
+                if other.job_id != job_id
+                for access in other.nodes
+                if (access.require, access.allow) != (0, ALL_MASK)
+            }
+        )
+
     # --- rules --------------------------------------------------------------------------------
 
     @rule(
@@ -374,10 +435,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         waiter = data.draw(st.sampled_from(self.state.waiters))
         in_the_way = self.state.conflicts(waiter.job.nodes, seq=waiter.seq)
         for job_id in sorted({c.holder_job_id for c in in_the_way if c.kind in LIVE_KINDS}):
-            owner = self.state.jobs[job_id].owner
-            started = self.store_time_ms()
-            stored = self.run(self.store.release(NS, job_id, owner))
-            self.check(ReleaseRequest(job_id, owner), stored, started)
+            self.do_release(job_id, self.state.jobs[job_id].owner)
         job = waiter.job
         answer = self.do_acquire(AcquireRequest(job.job_id, job.owner, job.operation, job.nodes))
         assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
@@ -474,16 +532,23 @@ class LuaModelMachine(RuleBasedStateMachine):
         held = self.state.jobs.get(job_id)
         owner = held.owner if held is not None and right_owner else other_owner
         # A dry run one time in four.
-        request = UpdateRequest(job_id, owner, nodes, dry_run=not dry_run)
-        started = self.store_time_ms()
-        stored = self.run(self.store.update(NS, job_id, owner, nodes, dry_run=request.dry_run))
-        expected = self.check(request, stored, started)
-        self.reach(f"update {expected.outcome.name}")
+        expected = self.do_update(UpdateRequest(job_id, owner, nodes, dry_run=not dry_run))
         if held is not None and owner == held.owner:
             if how == "loosen":
                 assert expected.outcome in (Outcome.UPDATED, Outcome.UNCHANGED, Outcome.WOULD_GRANT)
             if how == "same":
                 assert expected.outcome is Outcome.UNCHANGED
+
+    @precondition(lambda self: bool(self.contested()))
+    @rule(data=st.data(), dry_run=st.booleans())
+    def update_contested(self, data: st.DataObject, dry_run: bool) -> None:
+        """A holder converts to take, exclusively, a node that another holder or a lock-delay
+        blocks: refused, whatever else it keeps. (Random conversions rarely collide.)"""
+        job_id, node = data.draw(st.sampled_from(self.contested()))
+        job = self.state.jobs[job_id]
+        nodes = (*(a for a in job.nodes if a.node != node), NodeAccess(node, ALL_MASK, 0))
+        answer = self.do_update(UpdateRequest(job_id, job.owner, nodes, dry_run=dry_run))
+        assert answer.outcome is Outcome.REFUSED, answer
 
     @precondition(lambda self: bool(self.state.waiters))
     @rule(data=st.data())
@@ -497,17 +562,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         job = (
             queued.job if queued is not None else Job(job_id, "host-a", "op", data.draw(node_lists))
         )
-        started = self.store_time_ms()
-        left = self.run(self.store.unwait(NS, Waiter(job, 0, 0), "leave"))
-        revision = self.run(self.store.revision(NS))
-        stored = (
-            Response(Outcome.RELEASED, revision, job)
-            if left
-            else Response(Outcome.NOT_HELD, revision)
-        )
-        self.check(UnwaitRequest(job_id), stored, started)
-        if left:
-            self.reach("unwait left")
+        assert self.do_unwait(job) == (queued is not None)
 
     @rule(
         data=st.data(),
@@ -523,16 +578,11 @@ class LuaModelMachine(RuleBasedStateMachine):
             ids = st.sampled_from(sorted(self.state.jobs)) | ids
         job_id = data.draw(ids)
         held = self.state.jobs.get(job_id)
-        started = self.store_time_ms()
         if how == "force":
-            stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
-            expected = self.check(ForceReleaseRequest(job_id), stored, started)
-            if expected.outcome is Outcome.RELEASED:
-                self.reach("force-release into lock-delay")
+            self.do_force_release(job_id)
             return
         owner = held.owner if held is not None and right_owner else other_owner
-        stored = self.run(self.store.release(NS, job_id, owner))
-        self.check(ReleaseRequest(job_id, owner), stored, started)
+        self.do_release(job_id, owner)
 
     @precondition(lambda self: bool(self.state.jobs))
     @rule(data=st.data(), force=st.booleans())
@@ -542,10 +592,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         if not force:
             self.expire(job_id)
             return
-        started = self.store_time_ms()
-        stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
-        self.check(ForceReleaseRequest(job_id), stored, started)
-        self.reach("force-release into lock-delay")
+        assert self.do_force_release(job_id).outcome is Outcome.RELEASED
 
     def expire(self, job_id: str) -> None:
         # Stands in for time passing: this lease, and only this one, has run out.
@@ -565,6 +612,13 @@ class LuaModelMachine(RuleBasedStateMachine):
         self.end_delay(data.draw(st.sampled_from(sorted(self.state.delays))))
 
     # --- the whole state ----------------------------------------------------------------------
+
+    def check_whole_state(self) -> None:
+        """Every invariant below, for a history driven step by step rather than by hypothesis."""
+        self.jobs_and_waiters_match()
+        self.nodes_match()
+        self.events_match()
+        self.no_other_keys()
 
     @invariant()
     def jobs_and_waiters_match(self) -> None:
@@ -648,8 +702,10 @@ def redis_url(redis_process: RedisProcess) -> str:
 
 
 def test_lua_scripts_match_the_model(redis_url: str) -> None:
-    """Every answer and the whole stored state match the model after every step, and the runs
-    reach every interesting branch."""
+    """Every answer and the whole stored state match the model after every step of random
+    histories. The examples are fixed by the hypothesis profile (see conftest.py); a longer random
+    run is scripts/fuzz-model, which sets NAC_MODEL_EXAMPLES and NAC_MODEL_STEPS. Which branches
+    the histories reach is printed; test_every_branch_on_purpose reaches each by construction."""
 
     class Bound(LuaModelMachine):
         url = redis_url
@@ -658,15 +714,120 @@ def test_lua_scripts_match_the_model(redis_url: str) -> None:
     run_state_machine_as_test(
         Bound,
         settings=settings(
-            max_examples=80,
-            stateful_step_count=30,
+            max_examples=int(os.environ.get("NAC_MODEL_EXAMPLES", "80")),
+            stateful_step_count=int(os.environ.get("NAC_MODEL_STEPS", "30")),
+            # Each step is several round trips to Redis.
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
-    missing = [branch for branch in MUST_REACH if not REACHED[branch]]
-    assert not missing, f"{missing} not reached; reached: {sorted(REACHED.items())}"
     print("branches reached:", dict(sorted(REACHED.items())))
+    missing = [branch for branch in MUST_REACH if not REACHED[branch]]
+    if missing:
+        print("not reached by these random histories:", missing)
+
+
+def sole(node: str) -> NodeAccess:
+    return NodeAccess(node, ALL_MASK, 0)
+
+
+def shared(node: str) -> NodeAccess:
+    return NodeAccess(node, READS, ALL_MASK)
+
+
+Step = tuple[Callable[[], object], tuple[str, ...]]
+
+
+def branch_walk(m: LuaModelMachine) -> list[Step]:
+    """A history that reaches every branch of MUST_REACH on purpose: each step, and the branches
+    it must reach (more may follow)."""
+
+    def acquire(
+        job_id: str, owner: str, *nodes: NodeAccess, wait: bool = False
+    ) -> Callable[[], object]:
+        return lambda: m.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, wait=wait))
+
+    def dry_run(job_id: str, owner: str, *nodes: NodeAccess) -> Callable[[], object]:
+        return lambda: m.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, dry_run=True))
+
+    def update(job_id: str, *nodes: NodeAccess) -> Callable[[], object]:
+        return lambda: m.do_update(UpdateRequest(job_id, m.state.jobs[job_id].owner, nodes))
+
+    def unwait(job_id: str) -> Callable[[], object]:
+        def leave() -> None:
+            waiter = m.state.waiter(job_id)
+            assert waiter is not None, job_id
+            m.do_unwait(waiter.job)
+
+        return leave
+
+    a, b, c = NODES[:3]
+    return [
+        (acquire("j0", "host-a", sole(a)), ("acquire GRANTED",)),
+        # The first refusal of a pair always tells the holder; a dry run never does.
+        (acquire("j1", "host-b", shared(a)), ("acquire REFUSED", "CONTENDED event")),
+        (dry_run("j1", "host-b", shared(a)), ("acquire REFUSED",)),
+        (acquire("j1", "host-b", shared(a), sole(b), wait=True), ("acquire QUEUED (new waiter)",)),
+        (
+            acquire("j1", "host-b", sole(b), shared(a), wait=True),
+            ("acquire QUEUED (re-check kept its place)",),
+        ),
+        # Nothing holds b, but j1 waits for it first.
+        (acquire("j2", "host-c", shared(b)), ("acquire REFUSED", "conflict WAITING_AHEAD")),
+        (partial(m.do_release, "j0", "host-a"), ()),
+        (
+            acquire("j1", "host-b", shared(a), sole(b)),
+            ("acquire GRANTED", "acquire GRANTED from the queue"),
+        ),
+        # host-a holds c and waits for a, which j1 of host-b holds; host-b waiting for c would
+        # close the cycle.
+        (acquire("j2", "host-a", sole(c)), ("acquire GRANTED",)),
+        (acquire("j3", "host-a", sole(a), wait=True), ("acquire QUEUED (new waiter)",)),
+        (acquire("j4", "host-b", sole(c), wait=True), ("acquire DEADLOCK",)),
+        (unwait("j3"), ("unwait left",)),
+        (update("j1", shared(a), shared(b)), ("update UPDATED",)),
+        (update("j1", shared(b), shared(a)), ("update UNCHANGED",)),
+        # Taking c, which j2 holds alone.
+        (update("j1", shared(a), shared(b), sole(c)), ("update REFUSED",)),
+        (partial(m.expire, "j2"), ("expire into lock-delay",)),
+        (acquire("j5", "host-c", shared(c)), ("acquire REFUSED", "conflict LOCK_DELAY")),
+        (update("j1", shared(a), sole(c)), ("update REFUSED", "conflict LOCK_DELAY")),
+        (partial(m.end_delay, "j2"), ("lock-delay ended",)),
+        (acquire("j5", "host-c", shared(c)), ("acquire GRANTED",)),
+        (partial(m.do_force_release, "j1"), ("force-release into lock-delay",)),
+        (acquire("j6", "host-c", sole(b)), ("acquire REFUSED", "conflict LOCK_DELAY")),
+        (partial(m.end_delay, "j1"), ("lock-delay ended",)),
+        (acquire("j6", "host-c", sole(b)), ("acquire GRANTED",)),
+        (partial(m.do_release, "j5", "host-c"), ()),
+        (partial(m.do_release, "j6", "host-c"), ()),
+    ]
+
+
+def test_every_branch_on_purpose(redis_url: str) -> None:
+    """branch_walk reaches each branch of MUST_REACH by construction: every step must reach the
+    branches it names, and the model's answer and the whole stored state are compared after it,
+    as in the random runs."""
+
+    class Bound(LuaModelMachine):
+        url = redis_url
+
+    machine = Bound()
+    walked: Counter[str] = Counter()
+    try:
+        machine.check_whole_state()
+        for number, (action, branches) in enumerate(branch_walk(machine), 1):
+            before = REACHED.copy()
+            action()
+            machine.check_whole_state()
+            gained = REACHED - before
+            assert set(branches) <= set(gained), (number, branches, dict(gained))
+            walked.update(gained)
+        assert (machine.state.jobs, machine.state.waiters, machine.state.delays) == ({}, (), {})
+    finally:
+        machine.teardown()
+    print("branches walked:", dict(sorted(walked.items())))
+    missing = [branch for branch in MUST_REACH if not walked[branch]]
+    assert not missing, f"{missing} not reached on purpose"
 
 
 async def test_acquire_recovers_from_script_flush(store: Store, redis: Redis) -> None:

@@ -4,11 +4,15 @@ events about a node the job let go still reaching that node's watchers and waite
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import cast
 
 import pytest
 from redis.asyncio import Redis
 
+from nac_client import Event as ClientEvent
+from nac_client import EventType as ClientEventType
+from nac_client._watch_cursor import WatchCursor
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server.arbiter import Arbiter
 from nac_server.config import Limits
@@ -215,3 +219,32 @@ async def test_a_waiter_is_woken_by_an_update_that_drops_its_node(store: Store) 
     finally:
         waiting.cancel()
         await hub.close()
+
+
+# --- the client's place in the order -------------------------------------------------------------
+
+
+def client_event(revision: int, notice: int = 0) -> ClientEvent:
+    kind = ClientEventType.CONTENDED if notice else ClientEventType.RELEASED
+    return ClientEvent(revision, kind, None, datetime.now(UTC), notice=notice)
+
+
+def test_the_client_cursor_takes_notices_after_their_change_and_drops_repeats() -> None:
+    cursor = WatchCursor.start(5, snapshot=False)
+    delivered = [
+        (e.revision, e.notice)
+        for position in ((5, 0), (5, 1), (5, 2), (5, 1), (6, 0), (5, 3), (6, 1), (6, 1))
+        for e in cursor.accept(client_event(*position))
+    ]
+    # Repeats, and a notice of a change already passed, are dropped.
+    assert delivered == [(5, 0), (5, 1), (5, 2), (6, 0), (6, 1)]
+    # A resume asks for the next change; the notices it sends come after it.
+    assert cursor.resume_point() == (7, False)
+    # A later notice of 6 on the same stream is new; then change 7 and a notice after it.
+    accepted = [cursor.accept(client_event(*p)) for p in ((6, 2), (7, 0), (7, 1), (6, 3))]
+    assert [[(e.revision, e.notice) for e in batch] for batch in accepted] == [
+        [(6, 2)],
+        [(7, 0)],
+        [(7, 1)],
+        [],
+    ]

@@ -38,7 +38,7 @@ from redis import Redis
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_proto.nac.v1 import nac_pb2_grpc
 from nac_server.embedded import RedisProcess, free_port
-from nac_server.store import NAMESPACES_KEY
+from nac_server.keys import NAMESPACES_KEY
 
 BENCH_DIR = Path(__file__).resolve().parent
 NAMESPACE = "bench"

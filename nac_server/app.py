@@ -12,15 +12,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from nac_server.arbiter import Arbiter
 from nac_server.auth import OperatorCheck
 from nac_server.config import Limits
+from nac_server.connect import connect
 from nac_server.embedded import RedisProcess, default_data_dir
 from nac_server.expiry import Sweeper
+from nac_server.reads import Reads
 from nac_server.servicer import SERVICE, NodeAccessControl, add_to_server
 from nac_server.store import Store
 from nac_server.watch import EventHub
@@ -39,20 +38,6 @@ class ServerConfig:
     grace_s: float = 5.0
     # Bearer token for operator calls (ForceRelease, ConfigureNamespace); None disables them.
     admin_token: str | None = None
-
-
-def redis_client(url: str) -> Redis:
-    # redis-py would otherwise resend a timed-out command up to 10 times without telling anyone.
-    # Three quick retries are safe: every script is idempotent by job id, and a retried release
-    # that already happened answers released=false.
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-        socket_connect_timeout=2.0,
-        socket_timeout=10.0,
-        health_check_interval=30,
-    )
 
 
 class Server:
@@ -77,7 +62,7 @@ class Server:
                 self.embedded.binary,
                 data_dir,
             )
-        self.redis = redis_client(url)
+        self.redis = connect(url)
         limits = self.config.limits
         self.store = Store(
             self.redis,
@@ -89,14 +74,16 @@ class Server:
         )
         self.health = health.aio.HealthServicer()
         self._healthy: bool | None = None
-        self.hub = EventHub(self.store, self.config.limits.watch_queue)
+        self.hub = EventHub(self.store.log, self.config.limits.watch_queue)
         self.sweeper = Sweeper(self.store, self.config.limits.sweep_interval_s, self._set_health)
         arbiter = Arbiter(self.store, self.hub, self.sweeper, self.config.limits)
 
         self.grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)]
         )
-        servicer = NodeAccessControl(arbiter, OperatorCheck(self.config.admin_token))
+        servicer = NodeAccessControl(
+            arbiter, Reads(self.store), OperatorCheck(self.config.admin_token)
+        )
         add_to_server(servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nac_server.app import ServerConfig, serve
 from nac_server.config import Limits
+from nac_server.connect import UnsupportedDeployment, deployment_of
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,6 +95,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ]
     if problems:
         parser.error(f"out of range: {', '.join(problems)}")
+    if options.redis_url:
+        try:
+            deployment_of(options.redis_url)
+        except UnsupportedDeployment as error:
+            parser.error(f"--redis-url: {error}")
     return options
 
 

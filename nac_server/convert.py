@@ -8,8 +8,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from nac_proto.nac.v1 import nac_pb2 as pb
-from nac_server.model import Action, Conflict, Job, NodeAccess, Tally, actions_in
-from nac_server.store import StoredEvent, Waiter
+from nac_server.model import Action, Conflict, Job, NodeAccess, Tally, Waiter, actions_in
+from nac_server.records import StoredEvent
+from nac_server.vocabulary import EventType
 
 
 def timestamp(milliseconds: int) -> Timestamp:
@@ -107,7 +108,7 @@ def event(namespace: str, value: StoredEvent) -> pb.WatchEvent:
         dropped_nodes=value.dropped_nodes,
         notice=value.notice,
     )
-    if value.type in ("WAITING", "WAIT_ENDED"):
+    if value.type in (EventType.WAITING, EventType.WAIT_ENDED):
         message.job.state = pb.Job.WAITING
     if value.contention is not None:
         message.contention.waiter.CopyFrom(job(namespace, value.contention.waiter))

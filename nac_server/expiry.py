@@ -37,7 +37,7 @@ class Sweeper:
     async def sweep_once(self) -> float:
         """Expire every due job; return how long until the next lease is due, in seconds."""
         pause = self._interval_s
-        for namespace in await self._store.namespaces():
+        for namespace in await self._store.namespaces.all():
             due = await self._store.due(namespace)
             for job in due.jobs:
                 response = await self._store.expire(namespace, job)
@@ -53,7 +53,8 @@ class Sweeper:
                         response.delay_end_ms,
                     )
             for waiter in due.waiters:
-                if await self._store.unwait(namespace, waiter, "lapsed"):
+                nodes = [access.node for access in waiter.job.nodes]
+                if await self._store.unwait(namespace, waiter.job.job_id, nodes, lapsed=True):
                     log.info("wait lapsed ns=%s job=%s", namespace, waiter.job.job_id)
             for job in due.delays:
                 if await self._store.end_delay(namespace, job):

@@ -199,6 +199,8 @@ class Waiter:
     # Who kept it out at its last check, as distinct (owner, job id) pairs of holders and earlier
     # waiters (lock-delays excluded: they end by themselves): the edges of the deadlock check.
     blocked: tuple[tuple[str, str], ...] = ()
+    # When its wait ends, on the store's clock (the model has none: 0).
+    deadline_ms: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,34 @@
-"""The Lua scripts, read once from package data and registered with redis-py.
+"""The Lua scripts: read once from package data, registered with redis-py, run one way.
 
 redis-py's script objects precompute the SHA, call EVALSHA, and load the script again once when
-Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH). Each script gets the generated
+vocabulary and the shared helpers ahead of its own text, and its KEYS from SCRIPT_KEYS.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-_LIBRARY = "_lib.lua"
+from nac_server.keys import Keys
+from nac_server.records import Reply
+from nac_server.vocabulary import Verdict
+
+_PRELUDE = ("_vocabulary.lua", "_lib.lua")
+# A script answers RETRY when the node keys it was given were stale, with the record that names
+# the right ones; the record changes only if the job changes between two calls.
+_ATTEMPTS = 5
 
 
 def script_source(name: str) -> str:
-    """The full text sent to Redis: the shared helpers followed by the script itself."""
+    """The full text sent to Redis: the vocabulary, the shared helpers, then the script."""
     folder = resources.files("nac_server") / "lua"
-    return (folder / _LIBRARY).read_text() + "\n" + (folder / f"{name}.lua").read_text()
+    return "\n".join((folder / part).read_text() for part in (*_PRELUDE, f"{name}.lua"))
 
 
 @dataclass(frozen=True)
@@ -42,3 +52,29 @@ class Scripts:
                 for script in fields(cls)
             }
         )
+
+    async def read(
+        self, name: str, namespace: str, args: Sequence[Any], *node_lists: Sequence[str]
+    ) -> Any:
+        """Run a script that answers a plain list (the reads)."""
+        script: AsyncScript = getattr(self, name)
+        return await script(keys=Keys(namespace).for_script(name, *node_lists), args=list(args))
+
+    async def decide(
+        self,
+        name: str,
+        namespace: str,
+        args: Sequence[Any],
+        node_lists: Sequence[Sequence[str]] = (),
+        renode: Callable[[str], Sequence[Sequence[str]]] | None = None,
+    ) -> Reply:
+        """Run a script that answers a verdict. On RETRY, renode(record) gives the node lists
+        to call again with."""
+        for _ in range(_ATTEMPTS):
+            reply = Reply.parse(await self.read(name, namespace, args, *node_lists))
+            if reply.verdict is not Verdict.RETRY:
+                return reply
+            if renode is None:
+                raise RuntimeError(f"{name} asked for a retry it cannot get")
+            node_lists = renode(reply.record)
+        raise RuntimeError(f"{name}: the record kept changing its nodes")

@@ -18,6 +18,7 @@ from nac_proto.nac.v1 import nac_pb2_grpc
 from nac_server.arbiter import Arbiter
 from nac_server.auth import OperatorCheck
 from nac_server.errors import ERROR_DOMAIN, STATUS_OF, InvalidArgument, NacError
+from nac_server.reads import Reads
 
 log = logging.getLogger("nac.rpc")
 
@@ -140,8 +141,9 @@ def streaming(
 
 
 class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
-    def __init__(self, arbiter: Arbiter, operator_check: OperatorCheck) -> None:
+    def __init__(self, arbiter: Arbiter, reads: Reads, operator_check: OperatorCheck) -> None:
         self.arbiter = arbiter
+        self.reads = reads
         self.operator_check = operator_check
 
     @unary
@@ -154,15 +156,15 @@ class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:  # noqa: N802
-        return await self.arbiter.get_job(request)
+        return await self.reads.get_job(request)
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:  # noqa: N802
-        return await self.arbiter.list_jobs(request)
+        return await self.reads.list_jobs(request)
 
     @unary
     async def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeState:  # noqa: N802
-        return await self.arbiter.get_node(request)
+        return await self.reads.get_node(request)
 
     @unary
     async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:  # noqa: N802
@@ -186,7 +188,7 @@ class NodeAccessControl(nac_pb2_grpc.NodeAccessControlServicer):
     async def GetNamespaceConfig(  # noqa: N802
         self, request: pb.GetNamespaceConfigRequest, context: Any
     ) -> pb.NamespaceConfig:
-        return await self.arbiter.get_namespace_config(request)
+        return await self.reads.get_namespace_config(request)
 
     @streaming
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchEvent]:  # noqa: N802

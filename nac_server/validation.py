@@ -181,3 +181,39 @@ def update(request: pb.UpdateRequest, limits: Limits) -> UpdateCommand:
         nodes=nodes(request.nodes, limits),
         dry_run=request.dry_run,
     )
+
+
+@dataclass(frozen=True)
+class JobCommand:
+    """A call about one job by its owner: Release or one KeepAlive renewal."""
+
+    namespace: str
+    job_id: str
+    owner: str
+
+
+def owned_job(request: pb.ReleaseRequest | pb.KeepAliveRequest) -> JobCommand:
+    return JobCommand(
+        namespace=namespace(request.namespace),
+        job_id=job_id(request.job_id),
+        owner=owner(request.owner),
+    )
+
+
+@dataclass(frozen=True)
+class ForceReleaseCommand:
+    namespace: str
+    job_id: str
+    reason: str
+    # Who asked: the operator's name (or "operator") and the peer address.
+    actor: str
+
+
+def force_release(request: pb.ForceReleaseRequest, peer: str) -> ForceReleaseCommand:
+    actor = text(request.actor, "actor", 256) if request.actor else "operator"
+    return ForceReleaseCommand(
+        namespace=namespace(request.namespace),
+        job_id=job_id(request.job_id),
+        reason=text(request.reason, "reason", 1024),
+        actor=f"{actor} from {peer}",
+    )

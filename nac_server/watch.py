@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -19,9 +20,12 @@ import redis.exceptions
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert
 from nac_server.errors import ShuttingDown, WatcherTooSlow
+from nac_server.event_log import EventLog
 from nac_server.history import Position, follows
-from nac_server.store import Store, StoredEvent
+from nac_server.records import StoredEvent
+from nac_server.store import Store
 from nac_server.validation import WatchCommand
+from nac_server.vocabulary import EventType
 
 log = logging.getLogger("nac.watch")
 
@@ -45,9 +49,22 @@ class _Feed:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+# Events after which a waiter may fit: something on its nodes was let go.
+_FREEING = frozenset(
+    {
+        EventType.RELEASED,
+        EventType.EXPIRED,
+        EventType.FORCE_RELEASED,
+        EventType.UPDATED,
+        EventType.WAIT_ENDED,
+        EventType.LOCK_DELAY_ENDED,
+    }
+)
+
+
 class EventHub:
-    def __init__(self, store: Store, queue_size: int) -> None:
-        self._store = store
+    def __init__(self, log: EventLog, queue_size: int) -> None:
+        self._log = log
         self._queue_size = queue_size
         self._feeds: dict[str, _Feed] = {}
         self.closing = asyncio.Event()
@@ -81,12 +98,10 @@ class EventHub:
         while True:
             try:
                 if after is None:
-                    last_notice = await self._store.position(namespace)
+                    last_notice = await self._log.position(namespace)
                     after = Position(last_notice.revision)
                     feed.ready.set()
-                events = await self._store.wait_events(
-                    namespace, after, last_notice, _READ_BLOCK_MS
-                )
+                events = await self._log.wait_events(namespace, after, last_notice, _READ_BLOCK_MS)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
                 log.warning("event feed for %s: %s; retrying", namespace, error)
                 await asyncio.sleep(0.5)
@@ -103,6 +118,26 @@ class EventHub:
                     last_notice = event.position
                 else:
                     after = event.position
+
+    async def freed(
+        self, subscription: Subscription, nodes: frozenset[str], timeout_s: float
+    ) -> None:
+        """Return when an event may have freed one of nodes, or after timeout_s: how a waiting
+        acquire knows to check again."""
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if subscription.overflowed:
+                # Events were dropped: one of them may have concerned us. Start afresh.
+                subscription.overflowed = False
+                while not subscription.queue.empty():
+                    subscription.queue.get_nowait()
+                return
+            try:
+                event = await asyncio.wait_for(next_event(self, subscription, 0), remaining)
+            except TimeoutError:
+                return
+            if event.type in _FREEING and event.concerns(nodes, frozenset()):
+                return
 
     async def close(self) -> None:
         self.closing.set()
@@ -125,7 +160,7 @@ async def watch(
             revision, jobs, _, last = await store.snapshot_at(namespace)
             await on_start(revision)
             for job in jobs:
-                as_event = StoredEvent(revision, "SNAPSHOT", job, 0)
+                as_event = StoredEvent(revision, EventType.SNAPSHOT, job, 0)
                 if as_event.concerns(command.nodes, command.job_ids):
                     yield pb.WatchEvent(
                         revision=revision,
@@ -137,7 +172,7 @@ async def watch(
             last = Position.before(command.start_revision)
             await on_start(command.start_revision)
         else:
-            last = await store.position(namespace)
+            last = await store.log.position(namespace)
             await on_start(last.revision + 1)
 
         def relevant(event: StoredEvent) -> bool:
@@ -145,7 +180,7 @@ async def watch(
 
         while True:
             # Replay history until it is exhausted.
-            while batch := await store.events(namespace, last, _HISTORY_BATCH):
+            while batch := await store.log.events(namespace, last, _HISTORY_BATCH):
                 for event in batch:
                     if relevant(event):
                         yield convert.event(namespace, event)

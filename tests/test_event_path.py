@@ -19,9 +19,13 @@ from nac_server.config import Limits
 from nac_server.errors import Compacted
 from nac_server.expiry import Sweeper
 from nac_server.history import LAST, Position, follows, merge
+from nac_server.keys import Keys
 from nac_server.model import ALL_MASK, Action, Job, NodeAccess, Outcome
-from nac_server.store import Keys, Store, StoredEvent
+from nac_server.records import StoredEvent
+from nac_server.store import Store
+from nac_server.vocabulary import EventType
 from nac_server.watch import EventHub
+from tests.store_calls import acquire, release, update
 
 NS = "events"
 TTL_MS = 600_000
@@ -35,7 +39,8 @@ def exclusive(node: str) -> list[NodeAccess]:
 
 def item(revision: int, notice: int = 0) -> StoredEvent:
     job = Job("j", "o", "op", ())
-    return StoredEvent(revision, "CONTENDED" if notice else "ACQUIRED", job, 0, notice=notice)
+    kind = EventType.CONTENDED if notice else EventType.ACQUIRED
+    return StoredEvent(revision, kind, job, 0, notice=notice)
 
 
 # --- the order of the two streams ----------------------------------------------------------------
@@ -91,17 +96,17 @@ def test_follows_allows_missing_notices_but_never_a_missing_change() -> None:
 async def test_a_refusal_takes_no_revision_and_its_notice_follows_the_last_change(
     store: Store, redis: Redis
 ) -> None:
-    granted = await store.acquire(NS, "holder", "host-a", "commit", exclusive("/a"), TTL_MS)
+    granted = await acquire(store, NS, "holder", "host-a", "commit", exclusive("/a"), TTL_MS)
     assert granted.outcome is Outcome.GRANTED
     for attempt in range(3):
-        refused = await store.acquire(
-            NS, f"try-{attempt}", f"host-{attempt}", "stream", exclusive("/a"), TTL_MS
+        refused = await acquire(
+            store, NS, f"try-{attempt}", f"host-{attempt}", "stream", exclusive("/a"), TTL_MS
         )
         assert refused.outcome is Outcome.REFUSED
         assert refused.revision == granted.revision
-    assert await store.revision(NS) == granted.revision
+    assert await store.log.revision(NS) == granted.revision
     assert await redis.xlen(Keys(NS).events) == 1
-    events = await store.events(NS, Position(0), 100)
+    events = await store.log.events(NS, Position(0), 100)
     assert [(e.type, e.position) for e in events] == [
         ("ACQUIRED", Position(1)),
         ("CONTENDED", Position(1, 1)),
@@ -115,16 +120,16 @@ async def test_a_refusal_takes_no_revision_and_its_notice_follows_the_last_chang
     assert [c.node for c in notice.contention.conflicts] == ["/a", "/a"]
     assert notice.nodes == frozenset({"/a"})
     # A later change comes after them; a position read now follows on from the last notice.
-    assert await store.position(NS) == Position(1, 3)
-    await store.release(NS, "holder", "host-a")
-    assert await store.position(NS) == Position(2)
+    assert await store.log.position(NS) == Position(1, 3)
+    await release(store, NS, "holder", "host-a")
+    assert await store.log.position(NS) == Position(2)
 
 
 async def test_fresh_job_ids_do_not_get_round_the_rate_limit(store: Store, redis: Redis) -> None:
     """One notice per holder and waiting owner per second, whatever job ids the owner tries."""
-    await store.acquire(NS, "holder", "host-a", "commit", exclusive("/a"), TTL_MS)
+    await acquire(store, NS, "holder", "host-a", "commit", exclusive("/a"), TTL_MS)
     for attempt in range(50):
-        refused = await store.acquire(NS, f"t{attempt}", "host-b", "op", exclusive("/a"), TTL_MS)
+        refused = await acquire(store, NS, f"t{attempt}", "host-b", "op", exclusive("/a"), TTL_MS)
         assert refused.outcome is Outcome.REFUSED
     assert await redis.xlen(Keys(NS).notices) == 1
 
@@ -137,13 +142,13 @@ async def test_a_refusal_notifies_a_bounded_number_of_holders_with_bounded_confl
     nodes = [f"/n{i}" for i in range(12)]
     readers = [NodeAccess(name, READ, READ) for name in nodes]
     for i in range(20):
-        held = await store.acquire(NS, f"r{i}", f"host-{i}", "backup", readers, TTL_MS)
+        held = await acquire(store, NS, f"r{i}", f"host-{i}", "backup", readers, TTL_MS)
         assert held.outcome is Outcome.GRANTED
     writer = [NodeAccess(name, ALL_MASK, 0) for name in nodes]
-    refused = await store.acquire(NS, "w", "host-w", "commit", writer, TTL_MS)
+    refused = await acquire(store, NS, "w", "host-w", "commit", writer, TTL_MS)
     assert refused.outcome is Outcome.REFUSED
     assert len({c.holder_job_id for c in refused.conflicts}) == 20
-    notices = [e for e in await store.events(NS, Position(20), 100) if e.notice]
+    notices = [e for e in await store.log.events(NS, Position(20), 100) if e.notice]
     assert len(notices) == 8
     for notice in notices:
         assert notice.contention is not None
@@ -154,17 +159,17 @@ async def test_a_refusal_notifies_a_bounded_number_of_holders_with_bounded_confl
 async def test_the_history_is_capped_in_changes_and_in_bytes(redis: Redis) -> None:
     capped = Store(redis, history=5, history_bytes=10**9)
     for i in range(12):
-        await capped.acquire(NS, f"j{i}", "host-a", "op", [NodeAccess(f"/n{i}", 0, 0)], TTL_MS)
+        await acquire(capped, NS, f"j{i}", "host-a", "op", [NodeAccess(f"/n{i}", 0, 0)], TTL_MS)
     assert await redis.xlen(Keys(NS).events) == 5
-    kept = await capped.events(NS, Position(7), 100)
+    kept = await capped.log.events(NS, Position(7), 100)
     assert [e.revision for e in kept] == [8, 9, 10, 11, 12]
     with pytest.raises(Compacted):
-        await capped.events(NS, Position(6), 100)
+        await capped.log.events(NS, Position(6), 100)
     # Large records: a byte cap keeps fewer of them, and the count of bytes stays exact.
     big = Store(redis, history=1_000, history_bytes=20_000)
     name = "/" + "x" * 1000
     for i in range(40):
-        await big.acquire("big", f"b{i}", "host-a", "op", [NodeAccess(f"{name}{i}", 0, 0)], TTL_MS)
+        await acquire(big, "big", f"b{i}", "host-a", "op", [NodeAccess(f"{name}{i}", 0, 0)], TTL_MS)
     keys = Keys("big")
     entries = cast(list[tuple[str, dict[str, str]]], await redis.xrange(keys.events))
     size = sum(len(k) + len(v) for _, fields in entries for k, v in fields.items())
@@ -177,10 +182,10 @@ async def test_the_history_is_capped_in_changes_and_in_bytes(redis: Redis) -> No
 
 
 async def test_an_update_that_drops_a_node_names_it(store: Store) -> None:
-    await store.acquire(NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS)
-    updated = await store.update(NS, "m", "host-a", exclusive("/y"))
+    await acquire(store, NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS)
+    updated = await update(store, NS, "m", "host-a", exclusive("/y"))
     assert updated.outcome is Outcome.UPDATED
-    event = (await store.events(NS, Position(1), 10))[0]
+    event = (await store.log.events(NS, Position(1), 10))[0]
     assert event.type == "UPDATED"
     assert event.dropped_nodes == ("/x",)
     assert event.concerns(frozenset({"/x"}), frozenset())
@@ -195,9 +200,9 @@ async def test_a_waiter_is_woken_by_an_update_that_drops_its_node(store: Store) 
     async def healthy(_: bool) -> None:
         return None
 
-    hub = EventHub(store, 64)
+    hub = EventHub(store.log, 64)
     arbiter = Arbiter(store, hub, Sweeper(store, 60, healthy), limits)
-    await store.acquire(NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS)
+    await acquire(store, NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS)
     request = pb.AcquireRequest(
         namespace=NS,
         job_id="w",
@@ -212,7 +217,7 @@ async def test_a_waiter_is_woken_by_an_update_that_drops_its_node(store: Store) 
             if await store.redis.zcard(Keys(NS).queue("/x")):
                 break
             await asyncio.sleep(0.01)
-        assert (await store.update(NS, "m", "host-a", exclusive("/y"))).outcome is Outcome.UPDATED
+        assert (await update(store, NS, "m", "host-a", exclusive("/y"))).outcome is Outcome.UPDATED
         async with asyncio.timeout(30):
             granted = await waiting
         assert granted.granted and granted.job.job_id == "w"

@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from nac_server import model
 from nac_server.embedded import RedisProcess
 from nac_server.history import Position
+from nac_server.keys import NAMESPACES_KEY, Keys
 from nac_server.model import (
     ALL_MASK,
     AcquireRequest,
@@ -59,7 +60,9 @@ from nac_server.model import (
     UnwaitRequest,
     UpdateRequest,
 )
-from nac_server.store import NAMESPACES_KEY, Keys, Store, StoredEvent, Waiter
+from nac_server.records import StoredEvent
+from nac_server.store import Store
+from tests import store_calls
 
 T = TypeVar("T")
 
@@ -182,7 +185,7 @@ class LuaModelMachine(RuleBasedStateMachine):
     def read_new_events(self) -> list[StoredEvent]:
         """The changes and notices stored since the last call, each in its own stream's order."""
         seen = self.stored_events[-1][0] if self.stored_events else 0
-        new = self.run(self.store.events(NS, Position(seen), 100_000))
+        new = self.run(self.store.log.events(NS, Position(seen), 100_000))
         changes = [e for e in new if not e.notice]
         self.stored_events += [(e.revision, e.type) for e in changes]
         assert [e.revision for e in changes] == list(range(seen + 1, seen + 1 + len(changes)))
@@ -271,7 +274,8 @@ class LuaModelMachine(RuleBasedStateMachine):
     def do_acquire(self, request: AcquireRequest) -> Response:
         started = self.store_time_ms()
         stored = self.run(
-            self.store.acquire(
+            store_calls.acquire(
+                self.store,
                 NS,
                 request.job_id,
                 request.owner,
@@ -296,7 +300,7 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     def end_delay(self, job_id: str) -> None:
         """Time passes for the lock-delay of job_id, and only for it; the sweep ends it."""
-        self.run(self.redis.zadd(self.keys.ghosts, {job_id: 0}))
+        self.run(self.redis.zadd(self.keys.delays, {job_id: 0}))
         due = self.run(self.store.due(NS))
         assert (due.jobs, due.waiters) == ((), ())
         assert [job.job_id for job in due.delays] == [job_id]
@@ -306,7 +310,7 @@ class LuaModelMachine(RuleBasedStateMachine):
             ended = self.run(self.store.end_delay(NS, lost))
             assert ended
             # end_delay answers a bool; its revision is that of its event, the current one.
-            revision = self.run(self.store.revision(NS))
+            revision = self.run(self.store.log.revision(NS))
             self.check(
                 EndDelayRequest(lost.job_id), Response(Outcome.RELEASED, revision, lost), started
             )
@@ -315,8 +319,13 @@ class LuaModelMachine(RuleBasedStateMachine):
     def do_update(self, request: UpdateRequest) -> Response:
         started = self.store_time_ms()
         stored = self.run(
-            self.store.update(
-                NS, request.job_id, request.owner, request.nodes, dry_run=request.dry_run
+            store_calls.update(
+                self.store,
+                NS,
+                request.job_id,
+                request.owner,
+                request.nodes,
+                dry_run=request.dry_run,
             )
         )
         expected = self.check(request, stored, started)
@@ -325,12 +334,12 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     def do_release(self, job_id: str, owner: str) -> Response:
         started = self.store_time_ms()
-        stored = self.run(self.store.release(NS, job_id, owner))
+        stored = self.run(store_calls.release(self.store, NS, job_id, owner))
         return self.check(ReleaseRequest(job_id, owner), stored, started)
 
     def do_force_release(self, job_id: str) -> Response:
         started = self.store_time_ms()
-        stored = self.run(self.store.force_release(NS, job_id, "stuck", "operator"))
+        stored = self.run(store_calls.force_release(self.store, NS, job_id, "stuck", "operator"))
         expected = self.check(ForceReleaseRequest(job_id), stored, started)
         if expected.outcome is Outcome.RELEASED:
             self.reach("force-release into lock-delay")
@@ -339,8 +348,8 @@ class LuaModelMachine(RuleBasedStateMachine):
     def do_unwait(self, job: Job) -> bool:
         """The waiting call for job gives up; whether it was queued."""
         started = self.store_time_ms()
-        left = self.run(self.store.unwait(NS, Waiter(job, 0, 0), "leave"))
-        revision = self.run(self.store.revision(NS))
+        left = self.run(self.store.unwait(NS, job.job_id, [a.node for a in job.nodes]))
+        revision = self.run(self.store.log.revision(NS))
         stored = (
             Response(Outcome.RELEASED, revision, job)
             if left
@@ -635,7 +644,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         assert sorted(leases) == sorted(self.state.jobs)
         waitexp = cast(list[str], self.run(self.redis.zrange(self.keys.waitexp, 0, -1)))
         assert sorted(waitexp) == sorted(w.job.job_id for w in self.state.waiters)
-        ghosts = cast(list[str], self.run(self.redis.zrange(self.keys.ghosts, 0, -1)))
+        ghosts = cast(list[str], self.run(self.redis.zrange(self.keys.delays, 0, -1)))
         assert sorted(ghosts) == sorted(self.state.delays)
 
     @invariant()
@@ -659,7 +668,9 @@ class LuaModelMachine(RuleBasedStateMachine):
 
     @invariant()
     def events_match(self) -> None:
-        events = [e for e in self.run(self.store.events(NS, Position(0), 100_000)) if not e.notice]
+        events = [
+            e for e in self.run(self.store.log.events(NS, Position(0), 100_000)) if not e.notice
+        ]
         assert [(e.revision, e.type) for e in events] == self.stored_events
         assert [e.revision for e in events] == list(range(1, len(events) + 1))
         modelled = [
@@ -690,7 +701,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         if state.last_seq:
             expected.add(keys.waitseq)
         if state.delays:
-            expected |= {keys.ghosts, keys.ghostjobs}
+            expected |= {keys.delays, keys.delayjobs}
         if self.last_notice.is_notice:
             expected |= {keys.contended, keys.notices}
         assert set(self.run(self.redis.keys("*"))) == expected
@@ -833,12 +844,12 @@ def test_every_branch_on_purpose(redis_url: str) -> None:
 async def test_acquire_recovers_from_script_flush(store: Store, redis: Redis) -> None:
     """After SCRIPT FLUSH the scripts are loaded again and an acquire still works."""
     node = [NodeAccess("/vol/a.qcow2", READS, ALL_MASK)]
-    first = await store.acquire(NS, "j0", "host-a", "backup", node, TTL_MS)
+    first = await store_calls.acquire(store, NS, "j0", "host-a", "backup", node, TTL_MS)
     assert first.outcome is Outcome.GRANTED
     await redis.script_flush()
     sha = store.scripts.acquire.sha
     assert await redis.script_exists(sha) == [False]
-    second = await store.acquire(NS, "j1", "host-b", "backup", node, TTL_MS)
+    second = await store_calls.acquire(store, NS, "j1", "host-b", "backup", node, TTL_MS)
     assert second.outcome is Outcome.GRANTED
     assert second.job is not None
     assert second.job.fencing_token == 2
@@ -851,16 +862,16 @@ async def test_retried_acquire_takes_no_token(store: Store) -> None:
         NodeAccess("/vol/a.qcow2", READS, ALL_MASK),
         NodeAccess("/vol/b.qcow2", READS, READS),
     ]
-    granted = await store.acquire(NS, "j0", "host-a", "mirror", nodes, TTL_MS)
+    granted = await store_calls.acquire(store, NS, "j0", "host-a", "mirror", nodes, TTL_MS)
     assert granted.outcome is Outcome.GRANTED
     assert granted.job is not None
     for attempt in (nodes, nodes[::-1]):
-        retried = await store.acquire(NS, "j0", "host-a", "mirror", attempt, TTL_MS)
+        retried = await store_calls.acquire(store, NS, "j0", "host-a", "mirror", attempt, TTL_MS)
         assert retried.outcome is Outcome.EXISTING
         assert retried.revision == granted.revision
         assert retried.job == granted.job
-    following = await store.acquire(
-        NS, "j1", "host-b", "commit", [NodeAccess("/vol/c.qcow2", 0, 0)], TTL_MS
+    following = await store_calls.acquire(
+        store, NS, "j1", "host-b", "commit", [NodeAccess("/vol/c.qcow2", 0, 0)], TTL_MS
     )
     assert following.outcome is Outcome.GRANTED
     assert following.job is not None
@@ -874,9 +885,10 @@ async def test_contention_of_a_recheck_names_the_right_node(store: Store) -> Non
     index the conflicts by the call's order but send the queued record's.)"""
     write, read = WRITE, Action.READ_VISIBLE_DATA.bit
     a, b, c = "/a", "/b", "/c"
-    await store.acquire(NS, "h0", "o1", "op", [NodeAccess(a, write, 0)], TTL_MS)
-    await store.acquire(NS, "h1", "o1", "op", [NodeAccess(c, 0, ALL_MASK)], TTL_MS)
-    queued = await store.acquire(
+    await store_calls.acquire(store, NS, "h0", "o1", "op", [NodeAccess(a, write, 0)], TTL_MS)
+    await store_calls.acquire(store, NS, "h1", "o1", "op", [NodeAccess(c, 0, ALL_MASK)], TTL_MS)
+    queued = await store_calls.acquire(
+        store,
         NS,
         "j2",
         "o2",
@@ -887,9 +899,10 @@ async def test_contention_of_a_recheck_names_the_right_node(store: Store) -> Non
     )
     assert queued.outcome is Outcome.QUEUED
     # A conversion goes ahead of the queue: h1 now keeps j2 out of b too.
-    updated = await store.update(NS, "h1", "o1", [NodeAccess(b, write, 0)])
+    updated = await store_calls.update(store, NS, "h1", "o1", [NodeAccess(b, write, 0)])
     assert updated.outcome is Outcome.UPDATED
-    again = await store.acquire(
+    again = await store_calls.acquire(
+        store,
         NS,
         "j2",
         "o2",
@@ -901,7 +914,7 @@ async def test_contention_of_a_recheck_names_the_right_node(store: Store) -> Non
     assert again.outcome is Outcome.QUEUED
     assert {(c.node, c.holder_job_id) for c in again.conflicts} == {(a, "h0"), (b, "h1")}
     # h1's first notice to o2 is never held back by the once-a-second limit (h0's may be).
-    events = await store.events(NS, Position(0), 100)
+    events = await store.log.events(NS, Position(0), 100)
     from_h1 = [e for e in events if e.type == "CONTENDED" and e.job.job_id == "h1"]
     assert len(from_h1) == 1
     assert from_h1[0].contention is not None

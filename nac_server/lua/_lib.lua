@@ -1,8 +1,10 @@
--- Shared helpers, prepended to every script when it is loaded (see nac_server/scripts.py).
+-- Shared helpers, prepended (after _vocabulary.lua) to every script when it is loaded (see
+-- nac_server/scripts.py).
 --
 -- Node hash (nac:{ns}:n:<node>): "n" holder count, "r<i>" holders requiring action i, "a<i>"
--- holders allowing action i, "h:<job_id>" the holder's "require,allow" masks, and "g:<job_id>"
--- the masks of a lost holder in lock-delay, which still counts as a holder until the delay ends.
+-- holders allowing action i, "h:<job_id>" the holder's "require,allow" masks, and
+-- ("d:<job_id>") the masks of a lost holder in lock-delay, which still counts as a holder until
+-- the delay ends.
 -- Storing allow counts (not refusal counts) keeps old data right when an action is added: nobody
 -- allows it yet.
 -- Job hash (nac:{ns}:jobs): job_id -> JSON record
@@ -10,7 +12,7 @@
 -- Waiter hash (nac:{ns}:waiters): job_id -> JSON record
 --   {id, owner, op, nodes, ttl, seq, deadline, exp, blocked = {{owner, job_id}, ...}}
 -- Queue zset (nac:{ns}:q:<node>): waiting job_id -> seq, the order in which they queued.
--- Lock-delay: zset nac:{ns}:ghosts job_id -> end ms, hash nac:{ns}:ghostjobs job_id -> job JSON.
+-- Lock-delay: zset nac:{ns}:delays job_id -> end ms, hash nac:{ns}:delayjobs job_id -> job JSON.
 -- History: stream nac:{ns}:events, one entry per change of state with its revision as id
 -- ("<revision>-0"), and nac:{ns}:evbytes, the bytes its entries hold.
 -- Notices: stream nac:{ns}:notices of advisory CONTENDED entries, which take no revision: the
@@ -64,10 +66,9 @@ local function node_refuses(node_key, require, allow, nactions, own_masks)
   return false
 end
 
--- Conflicts travel as flat groups of seven: node index, action, kind, holder id, holder owner,
--- holder operation, and the end of a lock-delay in ms (0 for other kinds).
--- Kinds: 1 holder does not allow, 2 holder requires, 3 lock-delay, 4 a job queued earlier.
-local KIND_DOES_NOT_ALLOW, KIND_REQUIRES, KIND_LOCK_DELAY, KIND_WAITING_AHEAD = 1, 2, 3, 4
+-- Conflicts travel as flat groups of CONFLICT_WIDTH, in the order of vocabulary.CONFLICT_FIELDS:
+-- node index, action, kind, holder id, holder owner, holder operation, and the end of a
+-- lock-delay in ms (0 for other kinds).
 
 local function push_conflict(out, index, action, kind, holder_id, record, delay_end)
   for _, v in ipairs({index, action, kind, holder_id, record.owner, record.op, delay_end}) do
@@ -81,10 +82,10 @@ local function pair_conflicts(require, allow, other_require, other_allow, nactio
   local found = {}
   for i = 1, nactions do
     if has(require, i) and not has(other_allow, i) then
-      found[#found + 1] = {i, KIND_DOES_NOT_ALLOW}
+      found[#found + 1] = {i, KIND.HOLDER_DOES_NOT_ALLOW}
     end
     if has(other_require, i) and not has(allow, i) then
-      found[#found + 1] = {i, KIND_REQUIRES}
+      found[#found + 1] = {i, KIND.HOLDER_REQUIRES}
     end
   end
   return found
@@ -95,7 +96,7 @@ local function explain_node(out, keys, node_key, index, require, allow, nactions
   local flat = redis.call('HGETALL', node_key)
   for k = 1, #flat, 2 do
     local prefix, holder_id = string.sub(flat[k], 1, 2), string.sub(flat[k], 3)
-    if (prefix == 'h:' or prefix == 'g:') and holder_id ~= self_id then
+    if (prefix == 'h:' or prefix == 'd:') and holder_id ~= self_id then
       local held_require, held_allow = parse_masks(flat[k + 1])
       local found = pair_conflicts(require, allow, held_require, held_allow, nactions)
       if #found > 0 then
@@ -105,13 +106,13 @@ local function explain_node(out, keys, node_key, index, require, allow, nactions
             push_conflict(out, index, c[1], c[2], holder_id, record, 0)
           end
         else
-          local record = cjson.decode(redis.call('HGET', keys.ghostjobs, holder_id))
-          local delay_end = tonumber(redis.call('ZSCORE', keys.ghosts, holder_id) or '0')
+          local record = cjson.decode(redis.call('HGET', keys.delayjobs, holder_id))
+          local delay_end = tonumber(redis.call('ZSCORE', keys.delays, holder_id) or '0')
           local seen = {}
           for _, c in ipairs(found) do
             if not seen[c[1]] then
               seen[c[1]] = true
-              push_conflict(out, index, c[1], KIND_LOCK_DELAY, holder_id, record, delay_end)
+              push_conflict(out, index, c[1], KIND.LOCK_DELAY, holder_id, record, delay_end)
             end
           end
         end
@@ -131,7 +132,7 @@ local function explain_queue(out, keys, queue_key, node_name, index, require, al
         for _, c in ipairs(pair_conflicts(require, allow, node[2], node[3], nactions)) do
           if not seen[c[1]] then
             seen[c[1]] = true
-            push_conflict(out, index, c[1], KIND_WAITING_AHEAD, waiter_id, record, 0)
+            push_conflict(out, index, c[1], KIND.WAITING_AHEAD, waiter_id, record, 0)
           end
         end
       end
@@ -148,7 +149,7 @@ local function add_holder(node_key, job_id, require, allow, nactions)
   redis.call('HSET', node_key, 'h:' .. job_id, require .. ',' .. allow)
 end
 
--- Removes a holder ("h:") or lost holder ("g:") entry and its counts.
+-- Removes a holder ("h:") or lost holder ("d:") entry and its counts.
 local function remove_holder(node_key, field, nactions)
   local masks = redis.call('HGET', node_key, field)
   if not masks then
@@ -205,27 +206,45 @@ local function emit(keys, limits, event_type, record_json, now, extra)
   return revision
 end
 
--- The namespace's keys, named from KEYS[1], which is the key called first_name.
-local function namespace_keys(first_name)
-  local prefix = string.sub(KEYS[1], 1, -(#first_name + 1))
-  return {
-    prefix = prefix, jobs = prefix .. 'jobs', leases = prefix .. 'leases', rev = prefix .. 'rev',
-    fence = prefix .. 'fence', events = prefix .. 'events', waiters = prefix .. 'waiters',
-    waitexp = prefix .. 'waitexp', waitseq = prefix .. 'waitseq', ghosts = prefix .. 'ghosts',
-    ghostjobs = prefix .. 'ghostjobs', contended = prefix .. 'contended',
-    config = prefix .. 'config', evbytes = prefix .. 'evbytes', notices = prefix .. 'notices',
-  }
-end
-
--- Scripts may touch only keys they were given; this checks that the caller passed the expected
--- namespace keys in KEYS[1..#names], in that order.
-local function expect_keys(keys, names)
-  for i, name in ipairs(names) do
+-- The script's namespace keys by name (see SCRIPT_KEYS): KEYS must start with exactly
+-- nac:{ns}:<name> for each of the script's names, in order, and hold a whole number of per-node
+-- groups after them. Returns the keys, or nil and an error reply. A script touches only these
+-- and the per-node keys it was given.
+local function script_keys(script)
+  local spec = SCRIPT_KEYS[script]
+  local first = spec.namespace[1]
+  local prefix = string.sub(KEYS[1] or '', 1, -(#first + 1))
+  local keys = {prefix = prefix, fixed = #spec.namespace}
+  for i, name in ipairs(spec.namespace) do
+    keys[name] = prefix .. name
     if KEYS[i] ~= keys[name] then
-      return redis.error_reply('KEYS[' .. i .. '] must be ' .. keys[name])
+      return nil, redis.error_reply('KEYS[' .. i .. '] must be ' .. keys[name])
     end
   end
+  local extra = #KEYS - keys.fixed
+  if (#spec.per_node == 0 and extra ~= 0) or (#spec.per_node > 0 and extra % #spec.per_node ~= 0)
+  then
+    return nil, redis.error_reply(script .. ' got ' .. #KEYS .. ' keys')
+  end
+  return keys
+end
+
+-- An error reply unless KEYS holds the namespace keys and exactly `count` more.
+local function expect_key_count(keys, count)
+  if #KEYS ~= keys.fixed + count then
+    return redis.error_reply('expected ' .. keys.fixed + count .. ' keys, got ' .. #KEYS)
+  end
   return nil
+end
+
+-- Every verdict reply has one shape: {verdict, revision, record JSON or '', extra, conflict...},
+-- extra being a verdict's own value (queue positions, a cycle, a lock-delay's end) or 0.
+local function answer(verdict, revision, record, extra, conflicts)
+  local reply = {verdict, revision, record or '', extra or 0}
+  for _, v in ipairs(conflicts or {}) do
+    reply[#reply + 1] = v
+  end
+  return reply
 end
 
 local function current_revision(rev_key)
@@ -291,7 +310,7 @@ end
 
 -- Notes that the waiter was kept out by holder_id, at most once per second per holder and
 -- waiting owner (a fresh job id per attempt does not get round it). conflicts: flat groups of
--- seven with the node's name in place of its index.
+-- CONFLICT_WIDTH with the node's name in place of its index.
 local function note_contention(keys, cap, holder, waiter, conflicts, now)
   local pair = holder.id .. '\n' .. waiter.owner
   local last = tonumber(redis.call('HGET', keys.contended, pair) or '-1000000')
@@ -308,7 +327,7 @@ local function note_contention(keys, cap, holder, waiter, conflicts, now)
     end
   end
   redis.call('HSET', keys.contended, pair, now)
-  append_notice(keys, cap, {'type', 'CONTENDED', 'job', cjson.encode(holder),
+  append_notice(keys, cap, {'type', EVENT.CONTENDED, 'job', cjson.encode(holder),
     'waiter', cjson.encode(waiter), 'conflicts', cjson.encode(conflicts), 't', now})
 end
 
@@ -317,18 +336,18 @@ end
 local function note_contentions(keys, limits, conflicts, nodes, waiter_id, owner, op, now)
   local _, _, cap = history_limits(limits)
   local by_holder, order = {}, {}
-  for g = 1, #conflicts, 7 do
+  for g = 1, #conflicts, CONFLICT_WIDTH do
     local kind, holder_id = conflicts[g + 2], conflicts[g + 3]
-    if kind == KIND_DOES_NOT_ALLOW or kind == KIND_REQUIRES then
+    if kind == KIND.HOLDER_DOES_NOT_ALLOW or kind == KIND.HOLDER_REQUIRES then
       local list = by_holder[holder_id]
       if not list and #order < NOTICES_PER_REFUSAL then
         list = {}
         by_holder[holder_id] = list
         order[#order + 1] = {id = holder_id, owner = conflicts[g + 4], op = conflicts[g + 5]}
       end
-      if list and #list < 7 * CONFLICTS_PER_NOTICE then
+      if list and #list < CONFLICT_WIDTH * CONFLICTS_PER_NOTICE then
         list[#list + 1] = nodes[conflicts[g]][1]
-        for k = 1, 6 do
+        for k = 1, CONFLICT_WIDTH - 1 do
           list[#list + 1] = conflicts[g + k]
         end
       end

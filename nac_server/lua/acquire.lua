@@ -1,31 +1,28 @@
 -- Acquire: grant a job on all of its nodes or on none; with a wait, queue it when refused.
 --
--- KEYS[1] jobs, KEYS[2] leases, KEYS[3] rev, KEYS[4] fence, KEYS[5] events, KEYS[6] waiters,
--- KEYS[7] waitexp, KEYS[8] waitseq, KEYS[9] ghosts, KEYS[10] ghostjobs, KEYS[11] contended,
--- KEYS[12] evbytes, KEYS[13] notices (all nac:{ns}:<name>), then per requested node, in request
--- order: its node hash and its queue.
+-- KEYS: SCRIPT_KEYS.acquire, that is jobs, leases, rev, fence, events, waiters, waitexp, waitseq,
+-- delays, delayjobs, contended, evbytes, notices (all nac:{ns}:<name>), then per requested node,
+-- in request order: its node hash and its queue.
 -- ARGV[1] job id, ARGV[2] owner, ARGV[3] operation, ARGV[4] ttl in ms, ARGV[5] "1" for a dry run,
 -- ARGV[6] history caps "events,bytes,notices", ARGV[7] number of actions, ARGV[8] wait in ms (0: answer at once),
 -- ARGV[9] waiter liveness in ms, ARGV[10..] per node: name, require mask, allow mask.
 --
--- Returns one of
---   {"granted", revision, job_json}       the job now holds every node
---   {"existing", revision, job_json}      the same job was already held (a retry)
---   {"exists", revision, job_json}        the id is held or waiting with other content, or
---                                         belongs to a lost job still in lock-delay
---   {"would_grant", revision}             dry run, no conflict
---   {"refused", revision, {}, c...}       conflicts as flat groups of seven (see _lib)
---   {"queued", revision, {position per node}, c...}   waiting; call again to re-check
---   {"deadlock", revision, cycle}         queuing would close a cycle of waiting owners
+-- Returns {verdict, revision, record, extra, conflict...} (see answer in _lib), the verdict one of
+--   GRANTED         record: the job, which now holds every node
+--   EXISTING        record: the same job, already held (a retry)
+--   ALREADY_EXISTS  record: the holder of the id, held or waiting with other content, or a lost
+--                   job still in lock-delay
+--   WOULD_GRANT     dry run, no conflict
+--   REFUSED         conflicts as flat groups (see _lib)
+--   QUEUED          waiting; extra: its position in each node's queue; conflicts; call again
+--                   to re-check
+--   DEADLOCK        queuing would close a cycle of waiting owners; extra: the cycle in words
 -- A job conflicts with the holders and lost holders of its nodes, and with the jobs queued there
 -- before it (fairness). A retry of a granted call answers "existing", so no token is taken twice;
 -- a call for a queued job re-checks it in its place and refreshes its liveness.
 
-local FIXED = 13
-local keys = namespace_keys('jobs')
-local bad = expect_keys(keys, {'jobs', 'leases', 'rev', 'fence', 'events', 'waiters', 'waitexp',
-  'waitseq', 'ghosts', 'ghostjobs', 'contended', 'evbytes', 'notices'})
-if bad then return bad end
+local keys, bad = script_keys('acquire')
+if not keys then return bad end
 
 local job_id, owner, operation = ARGV[1], ARGV[2], ARGV[3]
 local ttl, dry_run, limits, nactions = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
@@ -35,8 +32,10 @@ local nodes = {}
 for i = 10, #ARGV, 3 do
   nodes[#nodes + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
 end
-local function node_key(i) return KEYS[FIXED + 2 * i - 1] end
-local function queue_key(i) return KEYS[FIXED + 2 * i] end
+bad = expect_key_count(keys, 2 * #nodes)
+if bad then return bad end
+local function node_key(i) return KEYS[keys.fixed + 2 * i - 1] end
+local function queue_key(i) return KEYS[keys.fixed + 2 * i] end
 
 local function same_content(record)
   return record.owner == owner and record.op == operation and same_nodes(record.nodes, nodes)
@@ -46,19 +45,20 @@ local waiting = nil
 if not dry_run then
   local stored = redis.call('HGET', keys.jobs, job_id)
   if stored then
-    return {same_content(cjson.decode(stored)) and 'existing' or 'exists',
-      current_revision(keys.rev), stored}
+    local verdict = same_content(cjson.decode(stored)) and VERDICT.EXISTING
+      or VERDICT.ALREADY_EXISTS
+    return answer(verdict, current_revision(keys.rev), stored)
   end
   -- A lost job in lock-delay still counts as holding its nodes, so its id is still in use.
-  local lost = redis.call('HGET', keys.ghostjobs, job_id)
+  local lost = redis.call('HGET', keys.delayjobs, job_id)
   if lost then
-    return {'exists', current_revision(keys.rev), lost}
+    return answer(VERDICT.ALREADY_EXISTS, current_revision(keys.rev), lost)
   end
   local queued = redis.call('HGET', keys.waiters, job_id)
   if queued then
     waiting = cjson.decode(queued)
     if not same_content(waiting) then
-      return {'exists', current_revision(keys.rev), queued}
+      return answer(VERDICT.ALREADY_EXISTS, current_revision(keys.rev), queued)
     end
   end
 end
@@ -72,17 +72,11 @@ for i, node in ipairs(nodes) do
     waiting and waiting.seq or nil)
 end
 
-local function reply_with(verdict, third)
-  local reply = {verdict, current_revision(keys.rev), third}
-  for _, v in ipairs(conflicts) do
-    reply[#reply + 1] = v
-  end
-  return reply
-end
-
 if dry_run then
-  if #conflicts > 0 then return reply_with('refused', {}) end
-  return {'would_grant', current_revision(keys.rev)}
+  if #conflicts > 0 then
+    return answer(VERDICT.REFUSED, current_revision(keys.rev), nil, 0, conflicts)
+  end
+  return answer(VERDICT.WOULD_GRANT, current_revision(keys.rev))
 end
 
 local now = now_ms()
@@ -107,15 +101,15 @@ if #conflicts == 0 then
   for i, node in ipairs(nodes) do
     add_holder(node_key(i), job_id, node[2], node[3], nactions)
   end
-  local revision = emit(keys, limits, 'ACQUIRED', record_json, now)
-  return {'granted', revision, record_json}
+  local revision = emit(keys, limits, EVENT.ACQUIRED, record_json, now)
+  return answer(VERDICT.GRANTED, revision, record_json)
 end
 
 -- Who keeps this job out: the wait-for edges of the deadlock check.
 local blocked, seen = {}, {}
-for g = 1, #conflicts, 7 do
+for g = 1, #conflicts, CONFLICT_WIDTH do
   local kind, holder_id, holder_owner = conflicts[g + 2], conflicts[g + 3], conflicts[g + 4]
-  if kind ~= KIND_LOCK_DELAY and not seen[holder_id] then
+  if kind ~= KIND.LOCK_DELAY and not seen[holder_id] then
     seen[holder_id] = true
     blocked[#blocked + 1] = {holder_owner, holder_id}
   end
@@ -170,7 +164,7 @@ if waiting then
 elseif wait > 0 then
   local cycle = find_cycle()
   if cycle then
-    return {'deadlock', current_revision(keys.rev), cycle}
+    return answer(VERDICT.DEADLOCK, current_revision(keys.rev), nil, cycle)
   end
   local seq = redis.call('INCR', keys.waitseq)
   local deadline = now + wait
@@ -184,16 +178,16 @@ elseif wait > 0 then
   for i = 1, #nodes do
     redis.call('ZADD', queue_key(i), seq, job_id)
   end
-  emit(keys, limits, 'WAITING', waiter_json, now)
+  emit(keys, limits, EVENT.WAITING, waiter_json, now)
 end
 
 note_contentions(keys, limits, conflicts, nodes, job_id, owner, operation, now)
 
 if not waiting then
-  return reply_with('refused', {})
+  return answer(VERDICT.REFUSED, current_revision(keys.rev), nil, 0, conflicts)
 end
 local positions = {}
 for i = 1, #nodes do
   positions[i] = redis.call('ZCOUNT', queue_key(i), '-inf', waiting.seq)
 end
-return reply_with('queued', positions)
+return answer(VERDICT.QUEUED, current_revision(keys.rev), nil, positions, conflicts)

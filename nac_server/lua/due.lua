@@ -1,14 +1,16 @@
 -- Due: what the expiry sweep must end, and when it should look again. Writes only to drop
 -- index entries whose record is gone.
 --
--- KEYS[1] leases, KEYS[2] jobs, KEYS[3] waitexp, KEYS[4] waiters, KEYS[5] ghosts,
--- KEYS[6] ghostjobs (all nac:{ns}:<name>).
+-- KEYS: SCRIPT_KEYS.due, that is leases, jobs, waitexp, waiters, delays, delayjobs (all
+-- nac:{ns}:<name>).
 -- ARGV[1] most entries of each kind to return.
 --
--- Returns {now_ms, next_deadline_ms or -1, {job_json...}, {waiter_json...}, {ghost_json...}}:
+-- Returns {now_ms, next_deadline_ms or -1, {job_json...}, {waiter_json...}, {lost_job_json...}}:
 -- jobs whose lease ran out, waiters whose wait or liveness ran out, and lost holders whose
 -- lock-delay is over. The sweep ends each with a script that checks the deadline again.
 
+local keys, bad = script_keys('due')
+if not keys then return bad end
 local limit = tonumber(ARGV[1])
 local now = now_ms()
 local next_deadline = -1
@@ -32,7 +34,7 @@ local function due(index_key, records_key)
   end
   return found
 end
-local jobs = due(KEYS[1], KEYS[2])
-local waiters = due(KEYS[3], KEYS[4])
-local ghosts = due(KEYS[5], KEYS[6])
-return {now, next_deadline, jobs, waiters, ghosts}
+local jobs = due(keys.leases, keys.jobs)
+local waiters = due(keys.waitexp, keys.waiters)
+local delays = due(keys.delays, keys.delayjobs)
+return {now, next_deadline, jobs, waiters, delays}

@@ -91,6 +91,18 @@ local function pair_conflicts(require, allow, other_require, other_allow, nactio
   return found
 end
 
+-- Appends one conflict of kind per action among found: for a lost holder or a job queued earlier
+-- the direction does not matter, only that the action is in the way.
+local function push_per_action(out, index, found, kind, holder_id, record, delay_end)
+  local seen = {}
+  for _, c in ipairs(found) do
+    if not seen[c[1]] then
+      seen[c[1]] = true
+      push_conflict(out, index, c[1], kind, holder_id, record, delay_end)
+    end
+  end
+end
+
 -- Appends every conflict with the holders and lost holders of one node to out.
 local function explain_node(out, keys, node_key, index, require, allow, nactions, self_id)
   local flat = redis.call('HGETALL', node_key)
@@ -108,13 +120,7 @@ local function explain_node(out, keys, node_key, index, require, allow, nactions
         else
           local record = cjson.decode(redis.call('HGET', keys.delayjobs, holder_id))
           local delay_end = tonumber(redis.call('ZSCORE', keys.delays, holder_id) or '0')
-          local seen = {}
-          for _, c in ipairs(found) do
-            if not seen[c[1]] then
-              seen[c[1]] = true
-              push_conflict(out, index, c[1], KIND.LOCK_DELAY, holder_id, record, delay_end)
-            end
-          end
+          push_per_action(out, index, found, KIND.LOCK_DELAY, holder_id, record, delay_end)
         end
       end
     end
@@ -128,13 +134,8 @@ local function explain_queue(out, keys, queue_key, node_name, index, require, al
     local record = cjson.decode(redis.call('HGET', keys.waiters, waiter_id))
     for _, node in ipairs(record.nodes) do
       if node[1] == node_name then
-        local seen = {}
-        for _, c in ipairs(pair_conflicts(require, allow, node[2], node[3], nactions)) do
-          if not seen[c[1]] then
-            seen[c[1]] = true
-            push_conflict(out, index, c[1], KIND.WAITING_AHEAD, waiter_id, record, 0)
-          end
-        end
+        local found = pair_conflicts(require, allow, node[2], node[3], nactions)
+        push_per_action(out, index, found, KIND.WAITING_AHEAD, waiter_id, record, 0)
       end
     end
   end
@@ -249,6 +250,15 @@ end
 
 local function current_revision(rev_key)
   return tonumber(redis.call('GET', rev_key) or '0')
+end
+
+-- The record of id in hash_key, stored and decoded; or nil, nil and the NOT_HELD answer.
+local function stored_record(hash_key, id, rev_key)
+  local stored = redis.call('HGET', hash_key, id)
+  if not stored then
+    return nil, nil, answer(VERDICT.NOT_HELD, current_revision(rev_key))
+  end
+  return stored, cjson.decode(stored)
 end
 
 -- Node keys are the namespace prefix + 'n:' + name, queue keys prefix + 'q:' + name. A caller

@@ -23,11 +23,8 @@ if not keys then return bad end
 local job_id, owner, mode, limits = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local nactions, default_delay = tonumber(ARGV[5]), tonumber(ARGV[6])
 
-local stored = redis.call('HGET', keys.jobs, job_id)
-if not stored then
-  return answer(VERDICT.NOT_HELD, current_revision(keys.rev))
-end
-local record = cjson.decode(stored)
+local stored, record, absent = stored_record(keys.jobs, job_id, keys.rev)
+if not stored then return absent end
 local now = now_ms()
 if mode == 'release' and record.owner ~= owner then
   return answer(VERDICT.PERMISSION_DENIED, current_revision(keys.rev), stored)

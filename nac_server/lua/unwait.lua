@@ -15,11 +15,8 @@ local keys, bad = script_keys('unwait')
 if not keys then return bad end
 
 local job_id, mode, limits = ARGV[1], ARGV[2], ARGV[3]
-local stored = redis.call('HGET', keys.waiters, job_id)
-if not stored then
-  return answer(VERDICT.NOT_HELD, current_revision(keys.rev))
-end
-local record = cjson.decode(stored)
+local stored, record, absent = stored_record(keys.waiters, job_id, keys.rev)
+if not stored then return absent end
 local now = now_ms()
 if mode == 'lapsed' and record.exp > now then
   return answer(VERDICT.STILL_LIVE, current_revision(keys.rev))

@@ -34,11 +34,8 @@ if current_count < 0 then
   return expect_key_count(keys, #nodes)
 end
 
-local stored = redis.call('HGET', keys.jobs, job_id)
-if not stored then
-  return answer(VERDICT.NOT_HELD, current_revision(keys.rev))
-end
-local record = cjson.decode(stored)
+local stored, record, absent = stored_record(keys.jobs, job_id, keys.rev)
+if not stored then return absent end
 if record.owner ~= owner then
   return answer(VERDICT.PERMISSION_DENIED, current_revision(keys.rev), stored)
 end

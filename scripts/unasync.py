@@ -32,12 +32,19 @@ SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     (r"\bawait ", ""),
     (r"\b__aenter__\b", "__enter__"),
     (r"\b__aexit__\b", "__exit__"),
+    (r"\b__aiter__\b", "__iter__"),
+    (r"\b__anext__\b", "__next__"),
+    (r"\baiter\(", "iter("),
+    (r"\banext\(", "next("),
+    (r"\bStopAsyncIteration\b", "StopIteration"),
+    (r"\bAsyncIterable\b", "Iterable"),
     (r"\bAsyncIterator\b", "Iterator"),
     # What an attempt returns: the awaitable of a T, where the blocking call returns the T.
     (r"\bAwaitable\[([\w.]+)\]", r"\1"),
     (r"\bAsyncRetrying\b", "Retrying"),
     (r"\bAsyncClient\b", "Client"),
     (r"\bAsyncHold\b", "Hold"),
+    (r"\bAsyncKeepAliveStream\b", "KeepAliveStream"),
     # grpc.aio.insecure_channel, grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable: the blocking
     # API has the same names one level up.
     (r"\bgrpc\.aio\.", "grpc."),

@@ -41,8 +41,6 @@ from nac_client._errors import (
     HoldLost,
     NacError,
     Unavailable,
-    error_from_rpc,
-    status_code,
     typed_errors,
 )
 from nac_client._lease import Lease
@@ -78,8 +76,10 @@ Metadata = tuple[tuple[str, str], ...]
 log = logging.getLogger("nac_client")
 
 
-class _Cancellable(Protocol):
-    """A call in progress, of either gRPC API."""
+class _KeepAliveCall(Protocol):
+    """A KeepAlive call in progress."""
+
+    def __iter__(self) -> Iterator[nac_pb2.KeepAliveResponse]: ...
 
     def cancel(self) -> bool: ...
 
@@ -467,6 +467,31 @@ class Client:
             responses.cancel()
         raise Unavailable(f"KeepAlive for job {request.job_id} ended without an answer")
 
+    def keep_alive_stream(self, job_ids: Iterable[str]) -> KeepAliveStream:
+        """Opens one KeepAlive stream that renews a lease for each job id job_ids yields.
+
+        hold() renews over such a stream. It is for callers that pace renewals themselves, or
+        renew many jobs, without a call per renewal. Each renewal is sent when job_ids yields
+        its job id; the stream ends once job_ids is exhausted and every renewal is answered.
+        Unlike keep_alive, nothing is retried: a stream that fails is over, and the caller
+        opens another.
+
+        Args:
+            job_ids: The jobs to renew, one request per item, each of this client's owner.
+
+        Returns:
+            The stream: iterate it for the answers, in the order the renewals were sent, and
+            cancel() it to end it at once.
+        """
+
+        def requests() -> Iterator[nac_pb2.KeepAliveRequest]:
+            for job_id in job_ids:
+                yield nac_pb2.KeepAliveRequest(
+                    namespace=self.namespace, job_id=job_id, owner=self.owner
+                )
+
+        return KeepAliveStream(self._stub.KeepAlive(requests()))
+
     def hold(
         self,
         nodes: Iterable[NodeAccess],
@@ -578,6 +603,33 @@ class Client:
             _backend.sleep(backoff_delay(failures + 1))
 
 
+class KeepAliveStream:
+    """The answers of one KeepAlive stream opened by keep_alive_stream, in the order sent.
+
+    Iterating raises the typed error that ended the stream: PermissionDenied for a job of
+    another owner, Unavailable when the server went away, and so on. An answer with
+    alive=False means that job has ended; the stream goes on for the others.
+    """
+
+    def __init__(self, call: _KeepAliveCall) -> None:
+        self._call = call
+        self._responses = iter(call)
+
+    def __iter__(self) -> KeepAliveStream:
+        return self
+
+    def __next__(self) -> KeepAliveResult:
+        with typed_errors():
+            response = next(self._responses, None)
+        if response is None:
+            raise StopIteration
+        return keep_alive_result_from_proto(response)
+
+    def cancel(self) -> None:
+        """Ends the stream at once; renewals not yet answered may or may not have been applied."""
+        self._call.cancel()
+
+
 class Hold:
     """A job held for the duration of a with block, its lease renewed in the background.
 
@@ -620,7 +672,7 @@ class Hold:
         self._lost = _backend.Event()
         self._lost_reason: str | None = None
         self._renewer: _backend.Background | None = None
-        self._call: _Cancellable | None = None
+        self._call: KeepAliveStream | None = None
         self._call_cancelled_here = False
         # Send times of the renewals not yet answered, oldest first: the server answers in order.
         self._in_flight: collections.deque[float] = collections.deque()
@@ -780,28 +832,23 @@ class Hold:
         """
         self._in_flight.clear()
         self._call_cancelled_here = False
-        call = self._client._stub.KeepAlive(self._renewal_requests())
-        self._call = call
+        stream = self._client.keep_alive_stream(self._renewal_ticks())
+        self._call = stream
         try:
-            for response in call:
+            for renewal in stream:
                 sent_at = self._in_flight.popleft() if self._in_flight else self._lease.renewed_at
-                if not response.alive:
+                if not renewal.alive:
                     return "the server reports that the job has ended"
-                ttl = (
-                    response.ttl.ToTimedelta().total_seconds()
-                    if response.HasField("ttl")
-                    else self._lease.ttl
-                )
+                ttl = renewal.ttl.total_seconds() if renewal.ttl is not None else self._lease.ttl
                 self._lease = self._lease.renewed(sent_at, ttl)
-                if response.HasField("expires_at"):
-                    self._renewal = keep_alive_result_from_proto(response)
+                if renewal.expires_at is not None:
+                    self._renewal = renewal
             return None
-        except grpc.RpcError as err:
-            code = status_code(err)
-            if code in RENEWAL_REFUSED_CODES:
-                return f"renewal refused with {code.name}: {error_from_rpc(err).message}"
+        except NacError as err:
+            if err.code in RENEWAL_REFUSED_CODES:
+                return f"renewal refused with {err.code.name}: {err.message}"
             if not self._stopping.is_set():
-                log.info("KeepAlive for job %s failed: %s", self.job.job_id, code.name)
+                log.info("KeepAlive for job %s failed: %s", self.job.job_id, err.code.name)
             return None
         except _backend.CallCancelled:
             if not self._call_cancelled_here:
@@ -809,15 +856,14 @@ class Hold:
             return None
         finally:
             self._call = None
-            call.cancel()
+            stream.cancel()
 
-    def _renewal_requests(self) -> Iterator[nac_pb2.KeepAliveRequest]:
-        request = nac_pb2.KeepAliveRequest(
-            namespace=self._client.namespace, job_id=self.job.job_id, owner=self._client.owner
-        )
+    def _renewal_ticks(self) -> Iterator[str]:
+        """The job id, once per renewal, paced by the lease; each send time goes in flight."""
+        job_id = self.job.job_id
         while True:
             self._in_flight.append(_backend.monotonic())
-            yield request
+            yield job_id
             delay = self._lease.next_renewal_delay(_backend.monotonic())
             if _backend.wait_event(self._stopping, delay):
                 return

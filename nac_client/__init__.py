@@ -7,7 +7,8 @@ configure_namespace, and get_namespace_config. Values are plain dataclasses; err
 subclasses.
 """
 
-from nac_client._async.client import AsyncClient, AsyncHold
+from nac_client._async.client import AsyncClient
+from nac_client._async.hold import AsyncHold
 from nac_client._errors import (
     AlreadyExists,
     Conflict,
@@ -23,7 +24,8 @@ from nac_client._errors import (
     Unavailable,
     WatcherTooSlow,
 )
-from nac_client._sync.client import Client, Hold
+from nac_client._sync.client import Client
+from nac_client._sync.hold import Hold
 from nac_client._types import (
     Action,
     ActionTally,

@@ -8,8 +8,6 @@ into _backend.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
 import os
 import socket
@@ -38,22 +36,20 @@ from nac_client._convert import (
 )
 from nac_client._errors import (
     Conflict,
-    HoldLost,
     NacError,
     Unavailable,
     typed_errors,
 )
-from nac_client._lease import Lease
 from nac_client._retry import (
     INITIAL_BACKOFF,
     MAX_BACKOFF,
-    RENEWAL_REFUSED_CODES,
     WATCH_RESUMABLE_CODES,
     backoff_delay,
     is_transient,
     is_unavailable,
 )
 from nac_client._sync import _backend
+from nac_client._sync.hold import Hold
 from nac_client._types import (
     ConflictDetail,
     Event,
@@ -628,255 +624,3 @@ class KeepAliveStream:
     def cancel(self) -> None:
         """Ends the stream at once; renewals not yet answered may or may not have been applied."""
         self._call.cancel()
-
-
-class Hold:
-    """A job held for the duration of a with block, its lease renewed in the background.
-
-    Entering acquires (raising Conflict if refused, or if still refused when a wait ends).
-    While inside, a background task renews the lease over a KeepAlive stream every third of the
-    TTL. If the server says the job has ended, or renewals keep failing until the lease may have
-    run out, the hold is lost: lost becomes True, on_lost is called once and wait_lost()
-    returns. Exiting stops renewing and releases; exiting a lost hold does not raise.
-
-    Attributes:
-        job: The granted job, with its fencing token; expires_at follows each renewal, and
-            update() replaces it.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        nodes: tuple[NodeAccess, ...],
-        *,
-        operation: str,
-        job_id: str,
-        ttl: timedelta | None,
-        wait: timedelta | None,
-        on_lost: Callable[[Job], None] | None,
-    ) -> None:
-        self._client = client
-        self._nodes = nodes
-        self._operation = operation
-        self._job_id = job_id
-        self._ttl = ttl
-        self._wait = wait
-        self._on_lost = on_lost
-        # The job as granted or updated, written only by the caller's code, and the last
-        # renewal, written only by the renewer: with one writer each, the blocking twin's
-        # threads never lose each other's changes. The job property combines the two.
-        self._job: Job | None = None
-        self._renewal: KeepAliveResult | None = None
-        self._lease = Lease(ttl=0.0, renewed_at=0.0)
-        self._stopping = _backend.Event()
-        self._lost = _backend.Event()
-        self._lost_reason: str | None = None
-        self._renewer: _backend.Background | None = None
-        self._call: KeepAliveStream | None = None
-        self._call_cancelled_here = False
-        # Send times of the renewals not yet answered, oldest first: the server answers in order.
-        self._in_flight: collections.deque[float] = collections.deque()
-
-    @property
-    def job(self) -> Job:
-        if self._job is None:
-            raise RuntimeError("the hold has not been entered")
-        renewal = self._renewal
-        return self._job if renewal is None else _with_expiry(self._job, renewal)
-
-    @property
-    def lost(self) -> bool:
-        """True once the lease has ended or may have ended."""
-        return self._lost.is_set()
-
-    @property
-    def lost_reason(self) -> str | None:
-        """Why the hold was lost, in words; None while it is held."""
-        return self._lost_reason
-
-    def wait_lost(self, timeout: float | None = None) -> bool:
-        """Waits until the hold is lost, or timeout seconds pass; True if it was lost."""
-        return _backend.wait_event(self._lost, timeout)
-
-    def ensure_held(self) -> None:
-        """Raises HoldLost if the hold is lost: call it before each step of the work.
-
-        Raises:
-            HoldLost: The lease has ended or may have ended.
-        """
-        if self._lost_reason is not None:
-            raise HoldLost(self.job.job_id, self._lost_reason)
-
-    def update(self, nodes: Iterable[NodeAccess]) -> Job:
-        """Converts the held job to new nodes and masks, as Client.update; job follows.
-
-        Returns:
-            The job as updated.
-
-        Raises:
-            HoldLost: The hold is lost; there is nothing left to update.
-            Conflict: Other jobs conflict with the new masks; the job is unchanged.
-        """
-        self.ensure_held()
-        self._job = self._client.update(self.job.job_id, nodes)
-        self._nodes = self._job.nodes
-        return self.job
-
-    def __enter__(self) -> Hold:
-        # Before the first attempt: the lease cannot have started earlier than this.
-        requested_at = _backend.monotonic()
-        self._job = self._client.acquire(
-            self._nodes,
-            operation=self._operation,
-            job_id=self._job_id,
-            ttl=self._ttl,
-            wait=self._wait,
-        )
-        self._lease = Lease(ttl=self._job.ttl.total_seconds(), renewed_at=requested_at)
-        if self._lease.remaining(_backend.monotonic()) < self._lease.ttl / 2:
-            # The grant came late (after a wait, or retries): the lease began somewhere between
-            # the request and the answer, so renew now to know how long it lasts.
-            self._renew_before_start(job_id=self._job.job_id)
-        self._renewer = _backend.start_background(
-            self._renew_until_stopped, name=f"nac-renew-{self.job.job_id}"
-        )
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stopping.set()
-        self._cancel_call()
-        if self._renewer is not None:
-            self._renewer.join()
-        try:
-            self._client.release(self.job.job_id)
-        except NacError as err:
-            # A lost hold has nothing left to give back, and a failing body's error matters more.
-            if self.lost or exc_type is not None:
-                log.warning("could not release job %s: %s", self.job.job_id, err)
-                return
-            raise
-
-    def _renew_before_start(self, *, job_id: str) -> None:
-        sent_at = _backend.monotonic()
-        try:
-            renewal = self._client.keep_alive(job_id)
-        except NacError:
-            self._release_after_failed_start(job_id)
-            raise
-        if not renewal.alive:
-            raise HoldLost(job_id, "the lease ran out before the grant reached this client")
-        self._lease = self._lease.renewed(
-            sent_at, renewal.ttl.total_seconds() if renewal.ttl else self._lease.ttl
-        )
-        self._renewal = renewal
-
-    def _release_after_failed_start(self, job_id: str) -> None:
-        try:
-            self._client.release(job_id)
-        except NacError as err:
-            log.warning("could not release job %s: %s", job_id, err)
-
-    def _cancel_call(self) -> None:
-        call = self._call
-        if call is not None:
-            self._call_cancelled_here = True
-            call.cancel()
-
-    def _declare_lost(self, reason: str) -> None:
-        if self._lost_reason is not None:
-            return
-        self._lost_reason = reason
-        self._lost.set()
-        log.warning("hold on job %s lost: %s", self.job.job_id, reason)
-        if self._on_lost is not None:
-            try:
-                self._on_lost(self.job)
-            except Exception:
-                log.exception("on_lost callback failed for job %s", self.job.job_id)
-
-    def _renew_until_stopped(self) -> None:
-        try:
-            failures = 0
-            while not self._stopping.is_set():
-                if self._lease.expired(_backend.monotonic()):
-                    self._declare_lost(f"no renewal answered within the {self._lease.ttl:g}s lease")
-                    return
-                renewed_at_before = self._lease.renewed_at
-                refusal = self._renew_over_one_stream()
-                if self._stopping.is_set():
-                    return
-                if refusal is not None:
-                    self._declare_lost(refusal)
-                    return
-                failures = 0 if self._lease.renewed_at != renewed_at_before else failures + 1
-                delay = min(
-                    backoff_delay(failures + 1),
-                    max(0.0, self._lease.remaining(_backend.monotonic())),
-                )
-                _backend.wait_event(self._stopping, delay)
-        except Exception as err:
-            # Nobody renews any more, so the lease will run out: say so now.
-            log.exception("renewing job %s failed", self.job.job_id)
-            self._declare_lost(f"renewal stopped on an unexpected error: {err!r}")
-
-    def _renew_over_one_stream(self) -> str | None:
-        """Renews over one KeepAlive stream until it ends.
-
-        Returns:
-            Why the hold is lost for good, or None if the stream merely ended.
-        """
-        self._in_flight.clear()
-        self._call_cancelled_here = False
-        stream = self._client.keep_alive_stream(self._renewal_ticks())
-        self._call = stream
-        try:
-            for renewal in stream:
-                sent_at = self._in_flight.popleft() if self._in_flight else self._lease.renewed_at
-                if not renewal.alive:
-                    return "the server reports that the job has ended"
-                ttl = renewal.ttl.total_seconds() if renewal.ttl is not None else self._lease.ttl
-                self._lease = self._lease.renewed(sent_at, ttl)
-                if renewal.expires_at is not None:
-                    self._renewal = renewal
-            return None
-        except NacError as err:
-            if err.code in RENEWAL_REFUSED_CODES:
-                return f"renewal refused with {err.code.name}: {err.message}"
-            if not self._stopping.is_set():
-                log.info("KeepAlive for job %s failed: %s", self.job.job_id, err.code.name)
-            return None
-        except _backend.CallCancelled:
-            if not self._call_cancelled_here:
-                raise
-            return None
-        finally:
-            self._call = None
-            stream.cancel()
-
-    def _renewal_ticks(self) -> Iterator[str]:
-        """The job id, once per renewal, paced by the lease; each send time goes in flight."""
-        job_id = self.job.job_id
-        while True:
-            self._in_flight.append(_backend.monotonic())
-            yield job_id
-            delay = self._lease.next_renewal_delay(_backend.monotonic())
-            if _backend.wait_event(self._stopping, delay):
-                return
-            if self._lease.expired(_backend.monotonic()):
-                # The server has stopped answering: end the stream so the renewer gives up.
-                self._cancel_call()
-                return
-
-
-def _with_expiry(job: Job, renewal: KeepAliveResult) -> Job:
-    """The job as a renewal left it: the later expiry and the renewal's TTL.
-
-    The later expiry, because an update answered after the renewal reports a newer one.
-    """
-    expires_at = max(job.expires_at, renewal.expires_at or job.expires_at)
-    return dataclasses.replace(job, expires_at=expires_at, ttl=renewal.ttl or job.ttl)

@@ -21,7 +21,8 @@ from nac_client._retry import RENEWAL_REFUSED_CODES, backoff_delay
 from nac_client._types import Job, KeepAliveResult, NodeAccess
 
 if TYPE_CHECKING:
-    from nac_client._async.client import AsyncClient, AsyncKeepAliveStream
+    from nac_client._async._leases import AsyncKeepAliveStream
+    from nac_client._async.client import AsyncClient
 
 log = logging.getLogger("nac_client")
 

@@ -22,7 +22,8 @@ from nac_client._sync import _backend
 from nac_client._types import Job, KeepAliveResult, NodeAccess
 
 if TYPE_CHECKING:
-    from nac_client._sync.client import Client, KeepAliveStream
+    from nac_client._sync._leases import KeepAliveStream
+    from nac_client._sync.client import Client
 
 log = logging.getLogger("nac_client")
 

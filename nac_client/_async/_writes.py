@@ -147,10 +147,7 @@ class JobCalls(ClientBase):
             PermissionDenied: The job belongs to another owner.
         """
         nodes = tuple(nodes)
-        request = update_request(
-            namespace=self.namespace, owner=self.owner, job_id=job_id, nodes=nodes, dry_run=False
-        )
-        response = await self._unary(self._stub.Update, request)
+        response = await self._update(job_id, nodes, dry_run=False)
         if not response.updated:
             raise Conflict(
                 job_id, conflicts_from_proto(response.conflicts, nodes), response.revision
@@ -172,11 +169,17 @@ class JobCalls(ClientBase):
             PermissionDenied: The job belongs to another owner.
         """
         nodes = tuple(nodes)
-        request = update_request(
-            namespace=self.namespace, owner=self.owner, job_id=job_id, nodes=nodes, dry_run=True
-        )
-        response = await self._unary(self._stub.Update, request)
+        response = await self._update(job_id, nodes, dry_run=True)
         return conflicts_from_proto(response.conflicts, nodes)
+
+    async def _update(
+        self, job_id: str, nodes: tuple[NodeAccess, ...], *, dry_run: bool
+    ) -> nac_pb2.UpdateResponse:
+        """The Update call behind update and check_update."""
+        request = update_request(
+            namespace=self.namespace, owner=self.owner, job_id=job_id, nodes=nodes, dry_run=dry_run
+        )
+        return await self._unary(self._stub.Update, request)
 
     async def release(self, job_id: str) -> bool:
         """Ends a hold of this owner.

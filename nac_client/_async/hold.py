@@ -186,6 +186,7 @@ class AsyncHold:
                 log.exception("on_lost callback failed for job %s", self.job.job_id)
 
 
+@dataclasses.dataclass(eq=False)
 class LeaseRenewer:
     """Renews one job's lease in the background, over one KeepAlive stream after another.
 
@@ -193,38 +194,31 @@ class LeaseRenewer:
     fails. The renewer gives up, reporting why through on_lost, when the server says the job
     has ended or refuses a renewal for good, or when no renewal was answered within the lease.
 
-    Args:
+    Attributes:
         client: The client that acquired the job.
         job_id: The job to renew.
-        lease: The lease as the grant (or a first renewal) left it.
+        lease: The lease as the grant (or a first renewal) left it, then as each renewal does.
         on_renewal: Called from the renewer with each answer that reports a new expiry.
         on_lost: Called once from the renewer, with the reason, when it gives up.
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        job_id: str,
-        lease: Lease,
-        *,
-        on_renewal: Callable[[KeepAliveResult], None],
-        on_lost: Callable[[str], None],
-    ) -> None:
-        self._client = client
-        self._job_id = job_id
-        self._lease = lease
-        self._on_renewal = on_renewal
-        self._on_lost = on_lost
-        self._stopping = _backend.Event()
-        self._background: _backend.Background | None = None
-        self._stream: AsyncKeepAliveStream | None = None
-        self._stream_cancelled_here = False
-        # Send times of the renewals not yet answered, oldest first: the server answers in order.
-        self._in_flight: collections.deque[float] = collections.deque()
+    client: AsyncClient
+    job_id: str
+    lease: Lease
+    on_renewal: Callable[[KeepAliveResult], None]
+    on_lost: Callable[[str], None]
+    _stopping: _backend.Event = dataclasses.field(default_factory=_backend.Event, init=False)
+    _background: _backend.Background | None = dataclasses.field(default=None, init=False)
+    _stream: AsyncKeepAliveStream | None = dataclasses.field(default=None, init=False)
+    _stream_cancelled_here: bool = dataclasses.field(default=False, init=False)
+    # Send times of the renewals not yet answered, oldest first: the server answers in order.
+    _in_flight: collections.deque[float] = dataclasses.field(
+        default_factory=collections.deque, init=False
+    )
 
     def start(self) -> None:
         self._background = _backend.start_background(
-            self._renew_until_stopped, name=f"nac-renew-{self._job_id}"
+            self._renew_until_stopped, name=f"nac-renew-{self.job_id}"
         )
 
     async def stop(self) -> None:
@@ -244,26 +238,26 @@ class LeaseRenewer:
         try:
             failures = 0
             while not self._stopping.is_set():
-                if self._lease.expired(_backend.monotonic()):
-                    self._on_lost(f"no renewal answered within the {self._lease.ttl:g}s lease")
+                if self.lease.expired(_backend.monotonic()):
+                    self.on_lost(f"no renewal answered within the {self.lease.ttl:g}s lease")
                     return
-                renewed_at_before = self._lease.renewed_at
+                renewed_at_before = self.lease.renewed_at
                 refusal = await self._renew_over_one_stream()
                 if self._stopping.is_set():
                     return
                 if refusal is not None:
-                    self._on_lost(refusal)
+                    self.on_lost(refusal)
                     return
-                failures = 0 if self._lease.renewed_at != renewed_at_before else failures + 1
+                failures = 0 if self.lease.renewed_at != renewed_at_before else failures + 1
                 delay = min(
                     backoff_delay(failures + 1),
-                    max(0.0, self._lease.remaining(_backend.monotonic())),
+                    max(0.0, self.lease.remaining(_backend.monotonic())),
                 )
                 await _backend.wait_event(self._stopping, delay)
         except Exception as err:
             # Nobody renews any more, so the lease will run out: say so now.
-            log.exception("renewing job %s failed", self._job_id)
-            self._on_lost(f"renewal stopped on an unexpected error: {err!r}")
+            log.exception("renewing job %s failed", self.job_id)
+            self.on_lost(f"renewal stopped on an unexpected error: {err!r}")
 
     async def _renew_over_one_stream(self) -> str | None:
         """Renews over one KeepAlive stream until it ends.
@@ -273,23 +267,23 @@ class LeaseRenewer:
         """
         self._in_flight.clear()
         self._stream_cancelled_here = False
-        stream = self._client.keep_alive_stream(self._renewal_ticks())
+        stream = self.client.keep_alive_stream(self._renewal_ticks())
         self._stream = stream
         try:
             async for renewal in stream:
-                sent_at = self._in_flight.popleft() if self._in_flight else self._lease.renewed_at
+                sent_at = self._in_flight.popleft() if self._in_flight else self.lease.renewed_at
                 if not renewal.alive:
                     return "the server reports that the job has ended"
-                ttl = renewal.ttl.total_seconds() if renewal.ttl is not None else self._lease.ttl
-                self._lease = self._lease.renewed(sent_at, ttl)
+                ttl = renewal.ttl.total_seconds() if renewal.ttl is not None else self.lease.ttl
+                self.lease = self.lease.renewed(sent_at, ttl)
                 if renewal.expires_at is not None:
-                    self._on_renewal(renewal)
+                    self.on_renewal(renewal)
             return None
         except NacError as err:
             if err.code in RENEWAL_REFUSED_CODES:
                 return f"renewal refused with {err.code.name}: {err.message}"
             if not self._stopping.is_set():
-                log.info("KeepAlive for job %s failed: %s", self._job_id, err.code.name)
+                log.info("KeepAlive for job %s failed: %s", self.job_id, err.code.name)
             return None
         except _backend.CallCancelled:
             if not self._stream_cancelled_here:
@@ -303,11 +297,11 @@ class LeaseRenewer:
         """The job id, once per renewal, paced by the lease; each send time goes in flight."""
         while True:
             self._in_flight.append(_backend.monotonic())
-            yield self._job_id
-            delay = self._lease.next_renewal_delay(_backend.monotonic())
+            yield self.job_id
+            delay = self.lease.next_renewal_delay(_backend.monotonic())
             if await _backend.wait_event(self._stopping, delay):
                 return
-            if self._lease.expired(_backend.monotonic()):
+            if self.lease.expired(_backend.monotonic()):
                 # The server has stopped answering: end the stream so the renewer gives up.
                 self._cancel_stream()
                 return

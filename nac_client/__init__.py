@@ -2,9 +2,9 @@
 
 AsyncClient (asyncio) and Client (blocking) offer the same API: acquire (optionally waiting in
 the nodes' queues), check, update, check_update, release, get_job, list_jobs, get_node,
-keep_alive, hold and watch; for operators (with admin_token), force_release and
-configure_namespace, and get_namespace_config. Values are plain dataclasses; errors are NacError
-subclasses.
+keep_alive, keep_alive_stream, hold and watch; for operators (with admin_token), force_release
+and configure_namespace, and get_namespace_config. Values are plain dataclasses; errors are
+NacError subclasses.
 """
 
 from nac_client._async.client import AsyncClient

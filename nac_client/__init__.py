@@ -2,12 +2,13 @@
 
 AsyncClient (asyncio) and Client (blocking) offer the same API: acquire (optionally waiting in
 the nodes' queues), check, update, check_update, release, get_job, list_jobs, get_node,
-keep_alive, hold and watch; for operators (with admin_token), force_release and
-configure_namespace, and get_namespace_config. Values are plain dataclasses; errors are NacError
-subclasses.
+keep_alive, keep_alive_stream, hold and watch; for operators (with admin_token), force_release
+and configure_namespace, and get_namespace_config. Values are plain dataclasses; errors are
+NacError subclasses.
 """
 
-from nac_client._async.client import AsyncClient, AsyncHold
+from nac_client._async.client import AsyncClient
+from nac_client._async.hold import AsyncHold
 from nac_client._errors import (
     AlreadyExists,
     Conflict,
@@ -23,7 +24,8 @@ from nac_client._errors import (
     Unavailable,
     WatcherTooSlow,
 )
-from nac_client._sync.client import Client, Hold
+from nac_client._sync.client import Client
+from nac_client._sync.hold import Hold
 from nac_client._types import (
     Action,
     ActionTally,

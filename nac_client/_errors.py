@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Generic, Self, TypeVar, overload
 
 import grpc
 from google.rpc.error_details_pb2 import ErrorInfo
@@ -12,6 +14,8 @@ from nac_client._types import ConflictDetail
 
 ERROR_DOMAIN = "nac.v1"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+T = TypeVar("T")
 
 
 class NacError(Exception):
@@ -40,9 +44,38 @@ class NacError(Exception):
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
 
-    def _revision(self, key: str) -> int | None:
-        value = self.metadata.get(key)
-        return int(value) if value is not None and value.isdigit() else None
+
+def _revision(value: str) -> int | None:
+    return int(value) if value.isdigit() else None
+
+
+class _Detail(Generic[T]):
+    """A read-only attribute of an error: the metadata entry of the same name, parsed.
+
+    None when the server sent no such entry (or, for a revision, not a number).
+    """
+
+    def __init__(self, parse: Callable[[str], T | None]) -> None:
+        self._parse = parse
+        self._key = ""
+
+    def __set_name__(self, owner: type[NacError], name: str) -> None:
+        self._key = name
+
+    @overload
+    def __get__(self, error: None, owner: type[NacError]) -> Self: ...
+
+    @overload
+    def __get__(self, error: NacError, owner: type[NacError]) -> T | None: ...
+
+    def __get__(self, error: NacError | None, owner: type[NacError]) -> Self | T | None:
+        if error is None:
+            return self
+        value = error.metadata.get(self._key)
+        return None if value is None else self._parse(value)
+
+    def __set__(self, error: NacError, value: object) -> None:
+        raise AttributeError(f"{self._key} is read from the error's metadata")
 
 
 class InvalidArgument(NacError):
@@ -54,9 +87,7 @@ class InvalidArgument(NacError):
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 
-    @property
-    def field(self) -> str | None:
-        return self.metadata.get("field")
+    field = _Detail(str)
 
 
 class AlreadyExists(NacError):
@@ -64,9 +95,7 @@ class AlreadyExists(NacError):
 
     default_code = grpc.StatusCode.ALREADY_EXISTS
 
-    @property
-    def job_id(self) -> str | None:
-        return self.metadata.get("job_id")
+    job_id = _Detail(str)
 
 
 class PermissionDenied(NacError):
@@ -79,13 +108,8 @@ class PermissionDenied(NacError):
 
     default_code = grpc.StatusCode.PERMISSION_DENIED
 
-    @property
-    def job_id(self) -> str | None:
-        return self.metadata.get("job_id")
-
-    @property
-    def owner(self) -> str | None:
-        return self.metadata.get("owner")
+    job_id = _Detail(str)
+    owner = _Detail(str)
 
 
 class Unauthenticated(NacError):
@@ -99,9 +123,7 @@ class NotFound(NacError):
 
     default_code = grpc.StatusCode.NOT_FOUND
 
-    @property
-    def job_id(self) -> str | None:
-        return self.metadata.get("job_id")
+    job_id = _Detail(str)
 
 
 class HistoryCompacted(NacError):
@@ -114,13 +136,8 @@ class HistoryCompacted(NacError):
 
     default_code = grpc.StatusCode.OUT_OF_RANGE
 
-    @property
-    def revision(self) -> int | None:
-        return self._revision("revision")
-
-    @property
-    def oldest_revision(self) -> int | None:
-        return self._revision("oldest_revision")
+    revision = _Detail(_revision)
+    oldest_revision = _Detail(_revision)
 
 
 class WatcherTooSlow(NacError):
@@ -132,9 +149,7 @@ class WatcherTooSlow(NacError):
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    @property
-    def resume_revision(self) -> int | None:
-        return self._revision("resume_revision")
+    resume_revision = _Detail(_revision)
 
 
 class Unavailable(NacError):
@@ -146,9 +161,7 @@ class Unavailable(NacError):
 
     default_code = grpc.StatusCode.UNAVAILABLE
 
-    @property
-    def resume_revision(self) -> int | None:
-        return self._revision("resume_revision")
+    resume_revision = _Detail(_revision)
 
 
 class DeadlineExceeded(NacError):
@@ -168,9 +181,7 @@ class Deadlock(NacError):
 
     default_code = grpc.StatusCode.ABORTED
 
-    @property
-    def cycle(self) -> str | None:
-        return self.metadata.get("cycle")
+    cycle = _Detail(str)
 
 
 class Conflict(NacError):
@@ -281,3 +292,17 @@ def error_from_rpc(err: grpc.RpcError) -> NacError:
     message = _status_message(err) or f"call failed with {code.name}"
     metadata = dict(info.metadata) if info is not None else {}
     return error_class(message, code=code, reason=reason, metadata=metadata)
+
+
+@contextlib.contextmanager
+def typed_errors() -> Iterator[None]:
+    """Raises a failed call's grpc.RpcError, inside the block, as the NacError it stands for.
+
+    The one place where the client turns gRPC failures into typed errors: unary calls, with
+    their retries, and the KeepAlive and Watch streams all run inside it. The typed error keeps
+    the RpcError as its __cause__.
+    """
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise error_from_rpc(err) from err

@@ -27,7 +27,39 @@ if _version_not_supported:
 
 
 class NodeAccessControlStub:
-    """Missing associated documentation comment in .proto file."""
+    """Errors. A call that fails for a reason of NAC's own ends with a google.rpc.Status whose details
+    hold one google.rpc.ErrorInfo: domain "nac.v1", one reason from the list below, and metadata
+    naming what the error is about (every value a string; revisions in decimal). Failures of gRPC
+    itself (an expired deadline, a message over the size limit, a server out of reach) and internal
+    errors carry no ErrorInfo. The list is every reason the server sends, each with its status code
+    and its metadata keys; tests/test_parity.py holds the server and the client to it.
+
+    Reason (status code; metadata keys), then what it means:
+    INVALID_ARGUMENT (INVALID_ARGUMENT; field)
+    A request field is malformed or out of range; `field` names it. Nothing changed.
+    JOB_EXISTS (ALREADY_EXISTS; namespace, job_id)
+    Acquire named a held job with another owner, operation, node list or masks.
+    NOT_OWNER (PERMISSION_DENIED; namespace, job_id, owner)
+    The job belongs to another owner, named by `owner`. Nothing changed.
+    JOB_NOT_FOUND (NOT_FOUND; namespace, job_id)
+    No current job has this id (GetJob, Update).
+    DEADLOCK (ABORTED; namespace, job_id, cycle)
+    Waiting would close a cycle of owners waiting on each other's jobs, which `cycle`
+    describes. The job did not queue.
+    NO_CREDENTIALS (UNAUTHENTICATED; no metadata)
+    An operator call carried no "authorization: Bearer <admin token>".
+    NOT_OPERATOR (PERMISSION_DENIED; no metadata)
+    An operator call's admin token is wrong, or the server has none.
+    HISTORY_COMPACTED (OUT_OF_RANGE; revision, oldest_revision)
+    Watch asked to start at `revision`, older than the oldest kept change, `oldest_revision`:
+    take a snapshot instead.
+    WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED; resume_revision)
+    The watcher fell behind the event rate; resume from `resume_revision`.
+    SHUTTING_DOWN (UNAVAILABLE; resume_revision)
+    The server is shutting down; a watch resumes from `resume_revision` on another replica.
+    STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
+    The server could not reach Redis. Repeating the call is safe where the call says so.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -93,7 +125,39 @@ class NodeAccessControlStub:
 
 
 class NodeAccessControlServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Errors. A call that fails for a reason of NAC's own ends with a google.rpc.Status whose details
+    hold one google.rpc.ErrorInfo: domain "nac.v1", one reason from the list below, and metadata
+    naming what the error is about (every value a string; revisions in decimal). Failures of gRPC
+    itself (an expired deadline, a message over the size limit, a server out of reach) and internal
+    errors carry no ErrorInfo. The list is every reason the server sends, each with its status code
+    and its metadata keys; tests/test_parity.py holds the server and the client to it.
+
+    Reason (status code; metadata keys), then what it means:
+    INVALID_ARGUMENT (INVALID_ARGUMENT; field)
+    A request field is malformed or out of range; `field` names it. Nothing changed.
+    JOB_EXISTS (ALREADY_EXISTS; namespace, job_id)
+    Acquire named a held job with another owner, operation, node list or masks.
+    NOT_OWNER (PERMISSION_DENIED; namespace, job_id, owner)
+    The job belongs to another owner, named by `owner`. Nothing changed.
+    JOB_NOT_FOUND (NOT_FOUND; namespace, job_id)
+    No current job has this id (GetJob, Update).
+    DEADLOCK (ABORTED; namespace, job_id, cycle)
+    Waiting would close a cycle of owners waiting on each other's jobs, which `cycle`
+    describes. The job did not queue.
+    NO_CREDENTIALS (UNAUTHENTICATED; no metadata)
+    An operator call carried no "authorization: Bearer <admin token>".
+    NOT_OPERATOR (PERMISSION_DENIED; no metadata)
+    An operator call's admin token is wrong, or the server has none.
+    HISTORY_COMPACTED (OUT_OF_RANGE; revision, oldest_revision)
+    Watch asked to start at `revision`, older than the oldest kept change, `oldest_revision`:
+    take a snapshot instead.
+    WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED; resume_revision)
+    The watcher fell behind the event rate; resume from `resume_revision`.
+    SHUTTING_DOWN (UNAVAILABLE; resume_revision)
+    The server is shutting down; a watch resumes from `resume_revision` on another replica.
+    STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
+    The server could not reach Redis. Repeating the call is safe where the call says so.
+    """
 
     def Acquire(self, request, context):
         """Acquire asks for all of a job's nodes at once.
@@ -299,7 +363,39 @@ def add_NodeAccessControlServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NodeAccessControl:
-    """Missing associated documentation comment in .proto file."""
+    """Errors. A call that fails for a reason of NAC's own ends with a google.rpc.Status whose details
+    hold one google.rpc.ErrorInfo: domain "nac.v1", one reason from the list below, and metadata
+    naming what the error is about (every value a string; revisions in decimal). Failures of gRPC
+    itself (an expired deadline, a message over the size limit, a server out of reach) and internal
+    errors carry no ErrorInfo. The list is every reason the server sends, each with its status code
+    and its metadata keys; tests/test_parity.py holds the server and the client to it.
+
+    Reason (status code; metadata keys), then what it means:
+    INVALID_ARGUMENT (INVALID_ARGUMENT; field)
+    A request field is malformed or out of range; `field` names it. Nothing changed.
+    JOB_EXISTS (ALREADY_EXISTS; namespace, job_id)
+    Acquire named a held job with another owner, operation, node list or masks.
+    NOT_OWNER (PERMISSION_DENIED; namespace, job_id, owner)
+    The job belongs to another owner, named by `owner`. Nothing changed.
+    JOB_NOT_FOUND (NOT_FOUND; namespace, job_id)
+    No current job has this id (GetJob, Update).
+    DEADLOCK (ABORTED; namespace, job_id, cycle)
+    Waiting would close a cycle of owners waiting on each other's jobs, which `cycle`
+    describes. The job did not queue.
+    NO_CREDENTIALS (UNAUTHENTICATED; no metadata)
+    An operator call carried no "authorization: Bearer <admin token>".
+    NOT_OPERATOR (PERMISSION_DENIED; no metadata)
+    An operator call's admin token is wrong, or the server has none.
+    HISTORY_COMPACTED (OUT_OF_RANGE; revision, oldest_revision)
+    Watch asked to start at `revision`, older than the oldest kept change, `oldest_revision`:
+    take a snapshot instead.
+    WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED; resume_revision)
+    The watcher fell behind the event rate; resume from `resume_revision`.
+    SHUTTING_DOWN (UNAVAILABLE; resume_revision)
+    The server is shutting down; a watch resumes from `resume_revision` on another replica.
+    STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
+    The server could not reach Redis. Repeating the call is safe where the call says so.
+    """
 
     @staticmethod
     def Acquire(request,

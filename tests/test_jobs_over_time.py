@@ -270,7 +270,7 @@ async def test_writer_is_not_starved_by_a_stream_of_readers(
         assert reply.granted
     writer = asyncio.ensure_future(
         second.Acquire(
-            acquire_request(namespace, "writer", "host-w", access("/disk", [W, R], []), wait_s=30)
+            acquire_request(namespace, "writer", "host-w", access("/disk", [W, R], []), wait_s=120)
         )
     )
     await until_queued(first, namespace, "writer")
@@ -287,7 +287,7 @@ async def test_writer_is_not_starved_by_a_stream_of_readers(
             await first.Release(
                 pb.ReleaseRequest(namespace=namespace, job_id=early, owner=f"reader-{index // 10}")
             )
-    granted = await asyncio.wait_for(writer, 10)
+    granted = await asyncio.wait_for(writer, 30)
     assert granted.granted
     assert late_grants == 0
     assert set(late_refusals) == {pb.Conflict.WAITING_AHEAD}
@@ -347,7 +347,7 @@ async def test_idle_waiting_does_not_poll_redis(
     # (3.3 s), so a window sees one more than it has whole re-check periods at most.
     assert mentions <= 1 + int(window / RECHECK_S), (mentions, window)
     await first.Release(pb.ReleaseRequest(namespace=namespace, job_id="commit", owner="host-a"))
-    assert (await asyncio.wait_for(waiter, 5)).granted
+    assert (await asyncio.wait_for(waiter, 30)).granted
 
 
 async def test_hold_and_wait_across_two_owners_is_a_deadlock(

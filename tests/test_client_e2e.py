@@ -30,6 +30,9 @@ R = Action.READ_VISIBLE_DATA
 META = Action.MODIFY_METADATA
 GRAPH = Action.GRAPH_RECONFIG
 RESIZE = Action.RESIZE
+# Leases of tests that hold a job past its TTL or see it expire: a renewal goes every third of
+# one, and a loaded machine must not miss a whole lease between two answered renewals.
+TTL = 2.0
 
 
 @pytest.fixture
@@ -194,12 +197,12 @@ async def test_fencing_tokens_increase_across_replicas(
 
 
 async def test_unrenewed_lease_expires(agents: tuple[AsyncClient, AsyncClient]) -> None:
-    """A job acquired with a 1 s TTL and never renewed is gone, and its node free, within ~1 s."""
+    """A job acquired with a short TTL and never renewed ends by itself, and its node is free."""
     host_a, host_b = agents
-    job = await host_a.acquire([NodeAccess("/a", [W], [])], operation="commit", ttl=1)
+    job = await host_a.acquire([NodeAccess("/a", [W], [])], operation="commit", ttl=TTL)
     with pytest.raises(Conflict):
         await host_b.acquire([NodeAccess("/a", [W], [])], operation="mirror")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             await host_b.get_job(job.job_id)
@@ -214,10 +217,10 @@ async def test_unrenewed_lease_expires(agents: tuple[AsyncClient, AsyncClient]) 
 async def test_hold_renews_past_its_ttl_and_releases_on_exit(
     agents: tuple[AsyncClient, AsyncClient],
 ) -> None:
-    """A hold with a 1 s lease lives through 3 s of work, then its node is free at once."""
+    """A hold lives through work longer than its lease, then its node is free at once."""
     host_a, host_b = agents
-    async with host_a.hold([NodeAccess("/a", [W], [])], operation="commit", ttl=1) as hold:
-        await asyncio.sleep(3)
+    async with host_a.hold([NodeAccess("/a", [W], [])], operation="commit", ttl=TTL) as hold:
+        await asyncio.sleep(TTL * 1.5)
         assert not hold.lost
         hold.ensure_held()
         assert (await host_b.get_job(hold.job.job_id)).job_id == hold.job.job_id
@@ -237,7 +240,7 @@ async def test_hold_is_lost_when_the_job_is_released_behind_its_back(
         on_lost=lambda job: lost.append(job.job_id),
     ) as hold:
         await host_a.release(hold.job.job_id)
-        assert await hold.wait_lost(timeout=5)
+        assert await hold.wait_lost(timeout=30)
     assert lost == [hold.job.job_id]
 
 
@@ -268,13 +271,13 @@ async def test_watch_resumes_after_the_server_restarts(
             for index in range(3):
                 job = await actor.acquire([NodeAccess(f"/n{index}", [W], [])], operation="x")
                 await actor.release(job.job_id)
-            await asyncio.wait_for(halfway.wait(), 10)
+            await asyncio.wait_for(halfway.wait(), 30)
             replica.stop()
             for index in range(3, 6):
                 job = await actor.acquire([NodeAccess(f"/n{index}", [W], [])], operation="x")
                 await actor.release(job.job_id)
             replica.start()
-            await asyncio.wait_for(done.wait(), 30)
+            await asyncio.wait_for(done.wait(), 60)
             await task
     finally:
         replica.stop()
@@ -291,10 +294,10 @@ def test_sync_client_round_trip(
         Client(servers[0].target, namespace=namespace, owner="host-a") as host_a,
         Client(servers[1].target, namespace=namespace, owner="host-b") as host_b,
     ):
-        with host_a.hold([NodeAccess("/a", [W], [R])], operation="commit", ttl=1) as hold:
+        with host_a.hold([NodeAccess("/a", [W], [R])], operation="commit", ttl=TTL) as hold:
             with pytest.raises(Conflict):
                 host_b.acquire([NodeAccess("/a", [W], [])], operation="mirror")
-            time.sleep(1.5)
+            time.sleep(TTL * 1.5)
             assert not hold.lost
         job = host_b.acquire([NodeAccess("/a", [W], [])], operation="mirror")
         assert job.fencing_token > hold.job.fencing_token

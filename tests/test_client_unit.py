@@ -94,6 +94,14 @@ class WatchScript:
 Reply = Message | Abort | Stall
 KeepAliveScript = Callable[[int, nac_pb2.KeepAliveRequest], Message | Abort | None]
 
+# The lease of scripted grants and renewals in tests of holds that must stay held until they say
+# otherwise: long enough that a loaded machine answering a renewal late does not lose the hold
+# (a renewal goes every third of it). Tests of a lease running out wait for one such lease.
+LEASE_MS = 2_000
+LEASE_S = LEASE_MS / 1000
+# A stall no call of these tests waits out: the server recorded the request and never answers.
+NEVER = 3600.0
+
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], failure: Abort) -> NoReturn:
     """Ends the call as nac_server does: a google.rpc.Status with one ErrorInfo, if any reason."""
@@ -112,9 +120,13 @@ def alive(count: int, request: nac_pb2.KeepAliveRequest) -> nac_pb2.KeepAliveRes
         job_id=request.job_id,
         alive=True,
         expires_at=timestamp_pb2.Timestamp(seconds=2_000_000_000 + count),
-        ttl=duration_pb2.Duration(nanos=300_000_000),
+        ttl=milliseconds(LEASE_MS),
         fencing_token=7,
     )
+
+
+def milliseconds(value: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=value // 1000, nanos=value % 1000 * 1_000_000)
 
 
 class ScriptedServicer(nac_pb2_grpc.NodeAccessControlServicer):
@@ -283,8 +295,16 @@ def threaded_harness() -> Iterator[Harness]:
 
 @pytest.fixture
 async def client(harness: Harness) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(harness.target, namespace="ns", owner="host-a", timeout=2.0) as c:
+    async with AsyncClient(harness.target, namespace="ns", owner="host-a", timeout=10.0) as c:
         yield c
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Waits until condition() holds, failing the test if it does not within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 # --- Message builders ------------------------------------------------------------------------
@@ -305,8 +325,10 @@ def job_message(job_id: str, *, ttl_ms: int = 300, token: int = 7) -> nac_pb2.Jo
         ],
         fencing_token=token,
         acquired_at=timestamp_pb2.Timestamp(seconds=1_700_000_000),
-        expires_at=timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=ttl_ms * 1_000_000),
-        ttl=duration_pb2.Duration(nanos=ttl_ms * 1_000_000),
+        expires_at=timestamp_pb2.Timestamp(
+            seconds=1_700_000_000 + ttl_ms // 1000, nanos=ttl_ms % 1000 * 1_000_000
+        ),
+        ttl=milliseconds(ttl_ms),
     )
 
 
@@ -628,7 +650,7 @@ async def test_keep_alive_renews_once_and_reports_the_lease(
 ) -> None:
     result = await client.keep_alive("j1")
     assert result.alive
-    assert result.ttl == timedelta(milliseconds=300)
+    assert result.ttl == timedelta(milliseconds=LEASE_MS)
     assert result.expires_at == datetime.fromtimestamp(2_000_000_001, UTC)
     assert [r.job_id for r in harness.servicer.requests["KeepAlive"]] == ["j1"]
 
@@ -731,16 +753,19 @@ async def test_unavailable_is_retried_with_the_same_job_id(
 
 
 async def test_deadline_exceeded_is_retried(harness: Harness) -> None:
-    harness.servicer.replies["GetJob"] = [Stall(1.0, job_message("slow")), job_message("fast")]
-    async with AsyncClient(harness.target, timeout=0.2) as client:
+    # The first attempt can never be answered in time; the second is answered at once, with a
+    # timeout long enough for a loaded machine.
+    harness.servicer.replies["GetJob"] = [Stall(NEVER, job_message("slow")), job_message("fast")]
+    async with AsyncClient(harness.target, timeout=1.0) as client:
         job = await client.get_job("j1")
     assert job.job_id == "fast"
     assert harness.servicer.calls("GetJob") == 2
 
 
 async def test_retries_stop_after_retry_attempts(harness: Harness) -> None:
-    harness.servicer.replies["Release"] = [Stall(1.0, nac_pb2.ReleaseResponse())]
-    async with AsyncClient(harness.target, timeout=0.1, retry_attempts=3) as client:
+    # Each attempt must reach the server before its deadline to be counted there.
+    harness.servicer.replies["Release"] = [Stall(NEVER, nac_pb2.ReleaseResponse())]
+    async with AsyncClient(harness.target, timeout=1.0, retry_attempts=3) as client:
         with pytest.raises(DeadlineExceeded):
             await client.release("j1")
     assert harness.servicer.calls("Release") == 3
@@ -774,18 +799,19 @@ async def test_other_codes_are_never_retried(
 async def test_hold_renews_in_the_background_and_releases_on_exit(
     client: AsyncClient, harness: Harness
 ) -> None:
-    harness.servicer.replies["Acquire"] = [granted("j1")]
+    harness.servicer.replies["Acquire"] = [granted("j1", ttl_ms=LEASE_MS)]
     lost: list[Job] = []
     async with client.hold(
-        NODES, operation="mirror", job_id="j1", ttl=0.3, on_lost=lost.append
+        NODES, operation="mirror", job_id="j1", ttl=LEASE_S, on_lost=lost.append
     ) as hold:
         assert hold.job.fencing_token == 7
-        await asyncio.sleep(0.45)
+        # One at once, then one every third of the lease: by the third, the first lease is over.
+        await eventually(lambda: harness.servicer.calls("KeepAlive") >= 3)
         hold.ensure_held()
         assert harness.servicer.calls("Release") == 0
 
     renewals = harness.servicer.requests["KeepAlive"]
-    assert len(renewals) >= 3  # one at once, then one every 0.1 s
+    assert len(renewals) >= 3
     assert {(r.namespace, r.job_id, r.owner) for r in renewals} == {("ns", "j1", "host-a")}
     assert [r.job_id for r in harness.servicer.requests["Release"]] == ["j1"]
     assert not hold.lost
@@ -796,17 +822,19 @@ async def test_hold_renews_in_the_background_and_releases_on_exit(
 async def test_hold_is_lost_when_the_server_says_the_job_ended(
     client: AsyncClient, harness: Harness
 ) -> None:
+    harness.servicer.replies["Acquire"] = [granted("job-1", ttl_ms=LEASE_MS)]
     harness.servicer.keep_alive = lambda count, request: (
         alive(count, request) if count < 2 else nac_pb2.KeepAliveResponse(job_id=request.job_id)
     )
     lost: list[Job] = []
-    async with client.hold(NODES, operation="mirror", ttl=0.3, on_lost=lost.append) as hold:
-        assert await hold.wait_lost(timeout=2.0)
+    async with client.hold(NODES, operation="mirror", ttl=LEASE_S, on_lost=lost.append) as hold:
+        assert await hold.wait_lost(timeout=30)
         assert hold.lost
         assert "ended" in (hold.lost_reason or "")
         with pytest.raises(HoldLost):
             hold.ensure_held()
-        await asyncio.sleep(0.25)  # time for more renewals, were the renewer still running
+        # Time for more renewals (one every third of the lease), were the renewer still running.
+        await asyncio.sleep(LEASE_S / 2)
 
     assert [j.job_id for j in lost] == [hold.job.job_id]
     assert harness.servicer.calls("KeepAlive") == 2
@@ -819,14 +847,17 @@ async def test_hold_is_lost_when_renewals_fail_until_the_lease_runs_out(
     harness.servicer.keep_alive = lambda count, request: Abort(grpc.StatusCode.UNAVAILABLE)
     harness.servicer.replies["Release"] = [Abort(grpc.StatusCode.UNAVAILABLE)]
     lost: list[Job] = []
+    # The lease is long enough for several failed renewals, however slow the machine.
+    harness.servicer.replies["Acquire"] = [granted("job-1", ttl_ms=LEASE_MS)]
     async with AsyncClient(harness.target, retry_attempts=2) as client:
         started = time.monotonic()
-        async with client.hold(NODES, operation="mirror", ttl=0.3, on_lost=lost.append) as hold:
-            assert await hold.wait_lost(timeout=2.0)
+        async with client.hold(NODES, operation="mirror", ttl=LEASE_S, on_lost=lost.append) as hold:
+            assert await hold.wait_lost(timeout=30)
             waited = time.monotonic() - started
         # Exiting a lost hold swallows the failed release.
 
-    assert 0.3 <= waited < 2.0
+    # Not before the lease may have run out, and at that point rather than a backoff later.
+    assert LEASE_S <= waited < LEASE_S + MAX_BACKOFF
     assert "lease" in (hold.lost_reason or "")
     assert len(lost) == 1
     assert harness.servicer.calls("KeepAlive") >= 2
@@ -836,17 +867,19 @@ async def test_hold_is_lost_when_renewals_fail_until_the_lease_runs_out(
 async def test_hold_is_lost_when_the_server_stops_answering_after_renewing(
     client: AsyncClient, harness: Harness
 ) -> None:
+    harness.servicer.replies["Acquire"] = [granted("job-1", ttl_ms=LEASE_MS)]
     harness.servicer.keep_alive = lambda count, request: (
         alive(count, request) if count < 3 else None
     )
     harness.servicer.keep_alive_hangs = True
     started = time.monotonic()
-    async with client.hold(NODES, operation="mirror", ttl=0.3) as hold:
-        assert await hold.wait_lost(timeout=2.0)
+    async with client.hold(NODES, operation="mirror", ttl=LEASE_S) as hold:
+        assert await hold.wait_lost(timeout=30)
         waited = time.monotonic() - started
 
-    # Two answered renewals, the second sent a renewal interval (0.1 s) in, extend the lease.
-    assert waited >= 0.4
+    # Two answered renewals, the second sent a renewal interval (a third of the lease) in,
+    # extend the lease.
+    assert waited >= LEASE_S * 4 / 3
     assert "lease" in (hold.lost_reason or "")
     assert harness.servicer.calls("KeepAlive") >= 3
 
@@ -867,11 +900,12 @@ async def test_hold_that_is_refused_raises_conflict_and_renews_nothing(
 async def test_release_failure_of_a_held_hold_is_raised(
     client: AsyncClient, harness: Harness
 ) -> None:
+    harness.servicer.replies["Acquire"] = [granted("j1", ttl_ms=LEASE_MS)]
     harness.servicer.replies["Release"] = [
         Abort(grpc.StatusCode.PERMISSION_DENIED, "NOT_OWNER", {"job_id": "j1", "owner": "b"})
     ]
     with pytest.raises(PermissionDenied):
-        async with client.hold(NODES, operation="mirror", job_id="j1", ttl=0.3):
+        async with client.hold(NODES, operation="mirror", job_id="j1", ttl=LEASE_S):
             pass
 
 
@@ -1006,18 +1040,24 @@ def waiting_job_message(job_id: str) -> nac_pb2.Job:
 async def test_waiting_acquire_sends_the_wait_and_gets_wait_plus_timeout_per_call(
     harness: Harness,
 ) -> None:
-    # Granted after 0.6 s: longer than the 0.3 s timeout, well within wait + timeout.
+    # Granted after 0.6 s: longer than the 0.3 s timeout, so only a deadline of wait + timeout
+    # lets it through; the wait leaves room for a slow machine.
+    wait, timeout = 5.0, 0.3
     harness.servicer.replies["Acquire"] = [Stall(0.6, granted("j1"))]
-    async with AsyncClient(harness.target, timeout=0.3) as client:
-        job = await client.acquire(NODES, operation="mirror", job_id="j1", wait=1.0)
+    async with AsyncClient(harness.target, timeout=timeout) as client:
+        started = time.monotonic()
+        job = await client.acquire(NODES, operation="mirror", job_id="j1", wait=wait)
+        elapsed = time.monotonic() - started
 
     assert job.job_id == "j1"
     assert harness.servicer.calls("Acquire") == 1
-    sent = harness.servicer.requests["Acquire"][0]
-    assert timedelta(seconds=0.9) < sent.wait.ToTimedelta() <= timedelta(seconds=1)
+    # What was left of the wait when the request went out, some time after the call began.
+    sent = harness.servicer.requests["Acquire"][0].wait.ToTimedelta().total_seconds()
+    assert wait - elapsed <= sent <= wait
     [time_left] = harness.servicer.time_left["Acquire"]
     assert time_left is not None
-    assert 1.0 < time_left < 1.5  # wait + timeout, the deadline rounded up a little
+    # wait + timeout from when the call began, the deadline rounded up a little.
+    assert wait + timeout - elapsed <= time_left < wait + timeout + 0.5
 
 
 async def test_acquire_without_a_wait_sends_none_and_keeps_the_plain_timeout(
@@ -1028,7 +1068,7 @@ async def test_acquire_without_a_wait_sends_none_and_keeps_the_plain_timeout(
     assert not sent.HasField("wait")
     [time_left] = harness.servicer.time_left["Acquire"]
     assert time_left is not None
-    assert time_left < 2.5  # the client's 2 s timeout; the deadline travels rounded up a little
+    assert time_left < 10.5  # the client's 10 s timeout; the deadline travels rounded up a little
 
 
 async def test_waiting_acquire_is_retried_when_unavailable_with_what_is_left_of_the_wait(
@@ -1039,7 +1079,7 @@ async def test_waiting_acquire_is_retried_when_unavailable_with_what_is_left_of_
         granted("j1"),
     ]
     async with AsyncClient(harness.target, timeout=1.0) as client:
-        await client.acquire(NODES, operation="mirror", job_id="j1", wait=2.0)
+        await client.acquire(NODES, operation="mirror", job_id="j1", wait=5.0)
 
     first, second = harness.servicer.requests["Acquire"]
     assert (first.job_id, second.job_id) == ("j1", "j1")
@@ -1047,10 +1087,12 @@ async def test_waiting_acquire_is_retried_when_unavailable_with_what_is_left_of_
 
 
 async def test_waiting_acquire_is_not_retried_once_its_time_is_up(harness: Harness) -> None:
-    harness.servicer.replies["Acquire"] = [Stall(2.0, granted("late")), granted("again")]
-    async with AsyncClient(harness.target, timeout=0.2) as client:
+    # The request reaches the server well before its deadline (wait + timeout), and is never
+    # answered.
+    harness.servicer.replies["Acquire"] = [Stall(NEVER, granted("late")), granted("again")]
+    async with AsyncClient(harness.target, timeout=1.0) as client:
         with pytest.raises(DeadlineExceeded):
-            await client.acquire(NODES, operation="mirror", wait=0.2)
+            await client.acquire(NODES, operation="mirror", wait=0.5)
     assert harness.servicer.calls("Acquire") == 1
 
 
@@ -1178,13 +1220,13 @@ async def test_check_update_is_a_dry_run_returning_the_conflicts(
 async def test_hold_update_converts_the_held_job_and_refreshes_hold_job(
     client: AsyncClient, harness: Harness
 ) -> None:
-    harness.servicer.replies["Acquire"] = [granted("j1")]
-    updated = job_message("j1")
+    harness.servicer.replies["Acquire"] = [granted("j1", ttl_ms=LEASE_MS)]
+    updated = job_message("j1", ttl_ms=LEASE_MS)
     updated.nodes[0].require[:] = [nac_pb2.READ_VISIBLE_DATA]
     harness.servicer.replies["Update"] = [
         nac_pb2.UpdateResponse(updated=True, job=updated, revision=4)
     ]
-    async with client.hold(NODES, operation="mirror", job_id="j1", ttl=0.3) as hold:
+    async with client.hold(NODES, operation="mirror", job_id="j1", ttl=LEASE_S) as hold:
         job = await hold.update([NodeAccess("/vol/a.qcow2", [Action.READ_VISIBLE_DATA])])
         assert hold.job.nodes[0].require == {Action.READ_VISIBLE_DATA}
         assert hold.job.fencing_token == 7
@@ -1194,10 +1236,10 @@ async def test_hold_update_converts_the_held_job_and_refreshes_hold_job(
 
 async def test_a_late_grant_is_renewed_before_the_hold_is_handed_over(harness: Harness) -> None:
     # The grant takes longer than the whole 0.3 s lease: counting from the request alone, the
-    # hold would be lost at once.
+    # hold would be lost at once. The renewal then gives it a lease a slow machine cannot lose.
     harness.servicer.replies["Acquire"] = [Stall(0.4, granted("j1"))]
     async with (
-        AsyncClient(harness.target, timeout=1.0) as client,
+        AsyncClient(harness.target) as client,
         client.hold(NODES, operation="mirror", ttl=0.3, wait=1) as hold,
     ):
         assert harness.servicer.calls("KeepAlive") >= 1
@@ -1211,7 +1253,7 @@ async def test_a_late_grant_that_has_already_ended_raises_hold_lost(harness: Har
     harness.servicer.keep_alive = lambda count, request: nac_pb2.KeepAliveResponse(
         job_id=request.job_id
     )
-    async with AsyncClient(harness.target, timeout=1.0) as client:
+    async with AsyncClient(harness.target) as client:
         with pytest.raises(HoldLost):
             async with client.hold(NODES, operation="mirror", ttl=0.3, wait=1):
                 pytest.fail("a lost hold must not run its body")
@@ -1399,15 +1441,16 @@ def test_sync_client_acquires_releases_and_raises_typed_errors(
 
 def test_sync_hold_renews_then_is_lost_and_released(threaded_harness: Harness) -> None:
     servicer = threaded_harness.servicer
+    servicer.replies["Acquire"] = [granted("job-1", ttl_ms=LEASE_MS)]
     servicer.keep_alive = lambda count, request: (
         alive(count, request) if count < 3 else nac_pb2.KeepAliveResponse(job_id=request.job_id)
     )
     lost: list[Job] = []
     with (
         Client(threaded_harness.target) as client,
-        client.hold(NODES, operation="mirror", ttl=0.3, on_lost=lost.append) as hold,
+        client.hold(NODES, operation="mirror", ttl=LEASE_S, on_lost=lost.append) as hold,
     ):
-        assert hold.wait_lost(timeout=2.0)
+        assert hold.wait_lost(timeout=30)
 
     assert hold.lost
     assert [j.job_id for j in lost] == [hold.job.job_id]
@@ -1417,13 +1460,16 @@ def test_sync_hold_renews_then_is_lost_and_released(threaded_harness: Harness) -
 
 def test_sync_hold_is_lost_when_the_server_stops_answering(threaded_harness: Harness) -> None:
     servicer = threaded_harness.servicer
+    # A grant that comes within half its lease is handed over without a first renewal, which
+    # this server would never answer.
+    servicer.replies["Acquire"] = [granted("job-1", ttl_ms=LEASE_MS)]
     servicer.keep_alive = lambda count, request: None
     servicer.keep_alive_hangs = True
     with (
         Client(threaded_harness.target, retry_attempts=1) as client,
-        client.hold(NODES, operation="mirror", ttl=0.3) as hold,
+        client.hold(NODES, operation="mirror", ttl=LEASE_S) as hold,
     ):
-        assert hold.wait_lost(timeout=2.0)
+        assert hold.wait_lost(timeout=30)
         assert hold.lost
 
     assert "lease" in (hold.lost_reason or "")
@@ -1450,12 +1496,13 @@ def test_sync_client_waits_updates_and_force_releases_with_the_token(
     threaded_harness: Harness,
 ) -> None:
     servicer = threaded_harness.servicer
-    servicer.replies["Acquire"] = [Stall(0.5, granted("j1"))]
+    # Granted later than the timeout, within wait + timeout; the other calls get the timeout.
+    servicer.replies["Acquire"] = [Stall(1.5, granted("j1"))]
     servicer.replies["ForceRelease"] = [
         nac_pb2.ForceReleaseResponse(released=True, revision=8, job=job_message("j1"))
     ]
-    with Client(threaded_harness.target, timeout=0.3, admin_token="s3cret") as client:
-        job = client.acquire(NODES, operation="mirror", job_id="j1", wait=1.0)
+    with Client(threaded_harness.target, timeout=1.0, admin_token="s3cret") as client:
+        job = client.acquire(NODES, operation="mirror", job_id="j1", wait=5.0)
         updated = client.update(job.job_id, NODES[:1])
         ended = client.force_release(job.job_id, reason="test")
 

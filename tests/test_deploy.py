@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -252,8 +253,13 @@ def run_healthcheck(listen: str) -> subprocess.CompletedProcess[str]:
 def test_healthcheck_command_reports_a_live_server(
     redis_for_healthcheck: RedisProcess, tmp_path: Path
 ) -> None:
+    # A port held bound and never listened on: no other process can be serving there.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unserved = f"127.0.0.1:{closed.getsockname()[1]}"
+        assert run_healthcheck(unserved).returncode != 0, "healthy with no server listening"
+
     listen = f"127.0.0.1:{free_port()}"
-    assert run_healthcheck(listen).returncode != 0, "healthy with no server listening"
 
     env = {**os.environ, "NAC_LISTEN": listen, "NAC_REDIS_URL": redis_for_healthcheck.url}
     log_path = tmp_path / "server.log"
@@ -267,7 +273,7 @@ def test_healthcheck_command_reports_a_live_server(
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         result = run_healthcheck(listen)
         while result.returncode != 0 and time.monotonic() < deadline:
             assert server.poll() is None, f"nac-server exited: {log_path.read_text()}"

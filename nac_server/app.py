@@ -114,7 +114,12 @@ class Server:
         log.info("shutting down: draining for up to %.1fs", self.config.grace_s)
         await self._set_health(False)
         await self.hub.close()
-        await self.grpc.stop(self.config.grace_s)
+        try:
+            # grpc.aio's stop has been seen to hang past its grace on a loaded machine; a
+            # server told to stop must still stop.
+            await asyncio.wait_for(self.grpc.stop(self.config.grace_s), self.config.grace_s + 5)
+        except TimeoutError:
+            log.warning("gRPC had not stopped 5s after the grace period; stopping anyway")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

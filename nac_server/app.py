@@ -121,14 +121,25 @@ class Server:
         except TimeoutError:
             log.warning("gRPC had not stopped 5s after the grace period; stopping anyway")
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
         await self.redis.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
         log.info("stopped")
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel the task and wait until it has ended, whatever it raised.
+
+    Cancelled again as long as it runs: a cancellation can be lost. On Python 3.11,
+    asyncio.wait_for returns the result of a step that finished just as its caller was
+    cancelled, and redis-py sends every command through it when a socket timeout is set.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 def _safe_url(url: str) -> str:

@@ -95,7 +95,9 @@ class EventHub:
         # The last change and the last notice read, each stream's own cursor.
         after: Position | None = None
         last_notice = Position(0)
-        while True:
+        # Not only until cancelled: a cancellation during a Redis command can be lost (see
+        # app.stop_task), and a feed nobody reads must still end.
+        while feed.subscribers and not self.closing.is_set():
             try:
                 if after is None:
                     last_notice = await self._log.position(namespace)

@@ -33,7 +33,7 @@ def good_acquire(space: str, **changes: object) -> pb.AcquireRequest:
         owner="host-a",
         operation="block-commit",
         nodes=[pb.NodeAccess(node="/vol/a.qcow2", require=[W], allow=[R])],
-        ttl=Duration(seconds=10),
+        ttl=Duration(seconds=600),  # no job of these tests is meant to expire
     )
     for name, value in changes.items():
         if name == "nodes":

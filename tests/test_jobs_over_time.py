@@ -55,7 +55,8 @@ def acquire_request(
     owner: str,
     *nodes: pb.NodeAccess,
     wait_s: float = 0,
-    ttl_s: float = 30,
+    # Long: only the tests of expiry want a lease to run out, and they ask for a short one.
+    ttl_s: float = 600,
 ) -> pb.AcquireRequest:
     request = pb.AcquireRequest(
         namespace=namespace, job_id=job_id, owner=owner, operation=f"op-{job_id}", nodes=nodes

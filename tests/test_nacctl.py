@@ -115,7 +115,12 @@ def host_a(cli: Nacctl) -> Iterator[Client]:
         yield client
 
 
-def hold_base(client: Client, *, operation: str = "backup", ttl: float = 30) -> Job:
+# Jobs that tests set up and do not renew: a test of several nacctl runs can take minutes on a
+# loaded machine, and none of these is meant to expire on its own.
+TTL = 600
+
+
+def hold_base(client: Client, *, operation: str = "backup", ttl: float = TTL) -> Job:
     """A reader of NODE that lets others only read."""
     return client.acquire([NodeAccess(NODE, [R], [R])], operation=operation, ttl=ttl)
 
@@ -319,7 +324,7 @@ def test_watch_prints_one_line_per_event_and_json_lines(cli: Nacctl, host_a: Cli
 
 def test_watch_snapshot_and_node_filter(cli: Nacctl, host_a: Client) -> None:
     job = hold_base(host_a)
-    host_a.acquire([NodeAccess("/vol/other.qcow2", [R], [R])], operation="scrub")
+    host_a.acquire([NodeAccess("/vol/other.qcow2", [R], [R])], operation="scrub", ttl=TTL)
 
     snapshot = cli("-o", "json", "watch", "--snapshot", "--node", NODE, "--count", "2")
     assert snapshot.returncode == 0, snapshot.stderr
@@ -348,7 +353,7 @@ def test_watch_runs_live_until_count_events(cli: Nacctl, host_a: Client) -> None
 def test_watch_filters_by_job(cli: Nacctl, host_a: Client) -> None:
     start = revision(host_a) + 1
     other = hold_base(host_a, operation="other")
-    mine = host_a.acquire([NodeAccess("/vol/mine.qcow2", [W], [])], operation="mine")
+    mine = host_a.acquire([NodeAccess("/vol/mine.qcow2", [W], [])], operation="mine", ttl=TTL)
     host_a.release(other.job_id)
     host_a.release(mine.job_id)
 
@@ -551,8 +556,8 @@ def test_a_wait_that_would_deadlock_exits_7(cli: Nacctl) -> None:
         Client(cli.target, namespace=cli.namespace, owner="host-a") as host_a,
         Client(cli.target, namespace=cli.namespace, owner="host-b") as host_b,
     ):
-        host_a.acquire([NodeAccess("/vol/1", [W], [])], operation="first")
-        host_b.acquire([NodeAccess("/vol/2", [W], [])], operation="second")
+        host_a.acquire([NodeAccess("/vol/1", [W], [])], operation="first", ttl=TTL)
+        host_b.acquire([NodeAccess("/vol/2", [W], [])], operation="second", ttl=TTL)
         outcome: list[BaseException | Job] = []
 
         def host_a_waits() -> None:

@@ -12,7 +12,9 @@ import asyncio
 from typing import cast
 
 from nac_server.app import stop_task
-from nac_server.store import Store, StoredEvent
+from nac_server.event_log import EventLog
+from nac_server.history import Position
+from nac_server.records import StoredEvent
 from nac_server.watch import EventHub
 
 
@@ -36,16 +38,18 @@ async def test_a_task_that_loses_a_cancellation_is_cancelled_again() -> None:
     assert lost == 1
 
 
-class LosingStore:
-    """Enough of a store for an event feed: its blocking read drops the first cancellation."""
+class LosingLog:
+    """Enough of an event log for a feed: its blocking read drops the first cancellation."""
 
     def __init__(self) -> None:
         self.lost = 0
 
-    async def revision(self, namespace: str) -> int:
-        return 0
+    async def position(self, namespace: str) -> Position:
+        return Position(0)
 
-    async def wait_events(self, namespace: str, after: int, block_ms: int) -> list[StoredEvent]:
+    async def wait_events(
+        self, namespace: str, after: Position, last_notice: Position, block_ms: int
+    ) -> list[StoredEvent]:
         try:
             await asyncio.sleep(block_ms / 1000)
         except asyncio.CancelledError:
@@ -58,8 +62,8 @@ class LosingStore:
 async def test_an_event_feed_ends_when_its_last_watcher_leaves_despite_a_lost_cancellation() -> (
     None
 ):
-    store = LosingStore()
-    hub = EventHub(cast(Store, store), 4)
+    store = LosingLog()
+    hub = EventHub(cast(EventLog, store), 4)
     async with hub.subscribe("ns"):
         feed = asyncio.all_tasks() - {asyncio.current_task()}
     (task,) = [t for t in feed if "_follow" in repr(t.get_coro())]

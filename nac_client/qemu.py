@@ -432,12 +432,13 @@ def migration_source(chain: Sequence[str]) -> Preset:
     """The source of a live migration on shared storage, until the destination takes over.
 
     The source keeps its images open and active; the destination has opened the same chain
-    and will use it as it is, so the chain must not change meanwhile (migration/migration.c
-    inactivates the source's images at the switch-over, bdrv_inactivate_all).
+    and will use it as it is, so the chain must not change meanwhile; at the switch-over
+    migration/migration.c:migration_completion inactivates the source's images
+    (bdrv_inactivate_all).
     """
     chain = _check_chain(chain)
     nodes = tuple(_access(image, set(), set(_ALL_BUT_GRAPH)) for image in chain)
-    return Preset("migration source", nodes, "migration/migration.c:bdrv_inactivate_all")
+    return Preset("migration source", nodes, "migration/migration.c:migration_completion")
 
 
 def migration_destination(chain: Sequence[str]) -> Preset:

@@ -45,6 +45,7 @@ def job(namespace: str, value: Job) -> pb.Job:
         expires_at=timestamp(value.expires_ms),
         ttl=duration(value.ttl_ms),
         state=pb.Job.HELD,
+        group=value.group,
     )
 
 
@@ -57,6 +58,7 @@ def waiter(namespace: str, value: Waiter, positions: dict[str, int]) -> pb.Job:
         nodes=[node_access(access) for access in value.job.nodes],
         ttl=duration(value.job.ttl_ms),
         state=pb.Job.WAITING,
+        group=value.job.group,
         queue_positions=positions,
         wait_deadline=timestamp(value.deadline_ms),
     )

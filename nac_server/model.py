@@ -6,6 +6,10 @@ counts; the property tests run both and compare every decision and the whole sta
 Besides the holders, the state has the queue of waiting jobs (first come first served per node,
 with a deadlock check over owners) and the lost holders in lock-delay, which keep blocking their
 nodes with their masks until their delay ends. Time enters only as numbers in the requests.
+
+A job may name a group (for example one QEMU process, which arbitrates its own operations): jobs
+of one non-empty group never keep each other out, as holders or as waiters. A lost holder in
+lock-delay has left its group and blocks every job, its own group's too.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class Job:
     acquired_ms: int = 0
     expires_ms: int = 0
     ttl_ms: int = 0
+    # Jobs of one non-empty group do not conflict with each other.
+    group: str = ""
 
     def access_to(self, node: str) -> NodeAccess | None:
         for access in self.nodes:
@@ -79,13 +85,21 @@ class Job:
                 return access
         return None
 
-    def same_request(self, owner: str, operation: str, nodes: Iterable[NodeAccess]) -> bool:
+    def same_request(
+        self, owner: str, operation: str, nodes: Iterable[NodeAccess], group: str = ""
+    ) -> bool:
         """True when a repeated Acquire asks for exactly this job (node order does not matter)."""
         return (
             self.owner == owner
             and self.operation == operation
+            and self.group == group
             and sorted(self.nodes) == sorted(nodes)
         )
+
+
+def same_group(one: str, other: str) -> bool:
+    """Whether jobs of these groups arbitrate each other themselves: one non-empty group."""
+    return one != "" and one == other
 
 
 @dataclass(frozen=True, order=True)
@@ -239,20 +253,24 @@ class State:
         self_id: str | None = None,
         seq: int | None = None,
         waiters: bool = True,
+        group: str = "",
     ) -> tuple[Conflict, ...]:
-        """Everything that keeps a job with id self_id (None: anonymous) and queue place seq (None:
-        not queued) out of nodes: the holders but itself, every lock-delay, and (with waiters)
-        the jobs queued before it, every waiter when it is not queued. Sorted, without repeats."""
+        """Everything that keeps a job with id self_id (None: anonymous), queue place seq (None:
+        not queued) and group out of nodes: the holders but itself, every lock-delay, and (with
+        waiters) the jobs queued before it, every waiter when it is not queued; jobs of its own
+        group apart. Sorted, without repeats."""
         found: set[Conflict] = set()
         for wanted in nodes:
             for holder in self.jobs.values():
-                if holder.job_id != self_id:
+                if holder.job_id != self_id and not same_group(holder.group, group):
                     found.update(pair_conflicts(wanted, holder))
             for lost, end_ms in self.delays.values():
                 found.update(blocking_conflicts(wanted, lost, ConflictKind.LOCK_DELAY, end_ms))
             if waiters:
                 for waiter in self.waiters:
-                    if seq is None or waiter.seq < seq:
+                    if (seq is None or waiter.seq < seq) and not same_group(
+                        waiter.job.group, group
+                    ):
                         found.update(
                             blocking_conflicts(wanted, waiter.job, ConflictKind.WAITING_AHEAD)
                         )
@@ -283,6 +301,7 @@ class AcquireRequest:
     now_ms: int = 0
     # Queue when refused (rather than answer REFUSED).
     wait: bool = False
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -396,7 +415,9 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
     if not request.dry_run:
         existing = state.jobs.get(request.job_id)
         if existing is not None:
-            if existing.same_request(request.owner, request.operation, request.nodes):
+            if existing.same_request(
+                request.owner, request.operation, request.nodes, request.group
+            ):
                 return state, Response(Outcome.EXISTING, state.revision, existing)
             return state, Response(Outcome.ALREADY_EXISTS, state.revision, existing)
         # A lost job in lock-delay still counts as holding its nodes, so its id is still taken.
@@ -405,11 +426,13 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
             return state, Response(Outcome.ALREADY_EXISTS, state.revision, lost[0])
         queued = state.waiter(request.job_id)
         if queued is not None and not queued.job.same_request(
-            request.owner, request.operation, request.nodes
+            request.owner, request.operation, request.nodes, request.group
         ):
             return state, Response(Outcome.ALREADY_EXISTS, state.revision, queued.job)
     # A queued job is checked in its own place; a new one behind every waiter.
-    conflicts = state.conflicts(request.nodes, seq=None if queued is None else queued.seq)
+    conflicts = state.conflicts(
+        request.nodes, seq=None if queued is None else queued.seq, group=request.group
+    )
     if request.dry_run:
         if conflicts:
             return state, Response(Outcome.REFUSED, state.revision, conflicts=conflicts)
@@ -425,6 +448,7 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
             acquired_ms=request.now_ms,
             expires_ms=request.now_ms + request.ttl_ms,
             ttl_ms=request.ttl_ms,
+            group=request.group,
         )
         after = state.emit(
             EventType.ACQUIRED,
@@ -455,7 +479,14 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
     if cycle:
         return state, Response(Outcome.DEADLOCK, state.revision, cycle=cycle)
     waiter = Waiter(
-        Job(request.job_id, request.owner, request.operation, request.nodes, ttl_ms=request.ttl_ms),
+        Job(
+            request.job_id,
+            request.owner,
+            request.operation,
+            request.nodes,
+            ttl_ms=request.ttl_ms,
+            group=request.group,
+        ),
         state.last_seq + 1,
         blocked,
     )
@@ -563,7 +594,7 @@ def _update(state: State, request: UpdateRequest) -> tuple[State, Response]:
     if sorted(job.nodes) == sorted(request.nodes):
         return state, Response(Outcome.UNCHANGED, state.revision, job)
     # Conversions go first, as in a DLM: other holders and lock-delays count, waiters do not.
-    conflicts = state.conflicts(request.nodes, self_id=job.job_id, waiters=False)
+    conflicts = state.conflicts(request.nodes, self_id=job.job_id, waiters=False, group=job.group)
     if conflicts:
         return state, Response(Outcome.REFUSED, state.revision, job, conflicts)
     if request.dry_run:

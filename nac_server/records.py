@@ -116,6 +116,7 @@ def _job_from(record: dict[str, Any]) -> Job:
         acquired_ms=int(record.get("acq", 0)),
         expires_ms=int(record.get("exp", 0)),
         ttl_ms=int(record.get("ttl", 0)),
+        group=str(record.get("group", "")),
     )
 
 

@@ -162,6 +162,7 @@ class Store:
         wait = command.wait_ms if wait_ms is None else wait_ms
         args = [command.job_id, command.owner, command.operation, command.ttl_ms]
         args += [int(command.dry_run), self.history, ACTION_COUNT, wait, self.waiter_liveness_ms]
+        args.append(command.group)
         names = [access.node for access in command.nodes]
         reply = await self.scripts.decide(
             "acquire", command.namespace, [*args, *_masks(command.nodes)], [names]

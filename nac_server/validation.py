@@ -122,6 +122,7 @@ class AcquireCommand:
     ttl_ms: int
     dry_run: bool
     wait_ms: int
+    group: str = ""
 
 
 def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
@@ -136,6 +137,7 @@ def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
         ttl_ms=ttl_ms(request.ttl, request.HasField("ttl"), limits),
         dry_run=request.dry_run,
         wait_ms=wait_ms(request.wait, limits),
+        group=text(request.group, "group", 256) if request.group else "",
     )
 
 

@@ -20,9 +20,10 @@ async def acquire(
     ttl_ms: int,
     dry_run: bool = False,
     wait_ms: int = 0,
+    group: str = "",
 ) -> Response:
     command = AcquireCommand(
-        namespace, job_id, owner, operation, tuple(nodes), ttl_ms, dry_run, wait_ms
+        namespace, job_id, owner, operation, tuple(nodes), ttl_ms, dry_run, wait_ms, group
     )
     return await store.acquire(command)
 

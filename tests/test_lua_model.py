@@ -71,6 +71,8 @@ NODES = ["/vol/a.qcow2", "/vol/b.qcow2", "/vol/c.qcow2", "/vol/d.qcow2"]
 OWNERS = ["host-a", "host-b", "host-c"]
 OPERATIONS = ["commit", "mirror", "backup"]
 JOB_IDS = [f"j{i}" for i in range(8)]
+# Mostly no group, so that groups meet jobs of no group and of the other group.
+GROUPS = ["", "", "qemu-1", "qemu-2"]
 # Long enough that no lease, wait, waiter liveness or lock-delay runs out on its own during a run;
 # expiry and the end of a delay are forced through their zsets.
 TTL_MS = 3_600_000
@@ -120,15 +122,24 @@ MUST_REACH = (
     "force-release into lock-delay",
     "lock-delay ended",
     "CONTENDED event",
+    "acquire GRANTED beside its group",
+    "lock-delay blocks its own group",
 )
 
 
-JobKey = tuple[str, str, str, tuple[NodeAccess, ...], int]
+JobKey = tuple[str, str, str, tuple[NodeAccess, ...], int, str]
 
 
 def job_key(job: Job) -> JobKey:
     """What Redis and the model must agree on; the times belong to Redis's clock alone."""
-    return (job.job_id, job.owner, job.operation, tuple(sorted(job.nodes)), job.fencing_token)
+    return (
+        job.job_id,
+        job.owner,
+        job.operation,
+        tuple(sorted(job.nodes)),
+        job.fencing_token,
+        job.group,
+    )
 
 
 def loose(conflicts: tuple[Conflict, ...]) -> list[Conflict]:
@@ -284,12 +295,21 @@ class LuaModelMachine(RuleBasedStateMachine):
                 TTL_MS,
                 dry_run=request.dry_run,
                 wait_ms=WAIT_MS if request.wait else 0,
+                group=request.group,
             )
         )
         if not request.dry_run:
             self.registered = True
         was_queued = self.state.waiter(request.job_id) is not None and not request.dry_run
+        ungrouped = self.state.conflicts(request.nodes) if request.group else ()
         expected = self.check(request, stored, started)
+        if expected.outcome is Outcome.GRANTED and any(c.kind in LIVE_KINDS for c in ungrouped):
+            self.reach("acquire GRANTED beside its group")
+        if request.group and any(
+            c.kind is ConflictKind.LOCK_DELAY and self.lost_group(c.holder_job_id) == request.group
+            for c in expected.conflicts
+        ):
+            self.reach("lock-delay blocks its own group")
         branch = f"acquire {expected.outcome.name}"
         if expected.outcome is Outcome.QUEUED:
             branch += " (re-check kept its place)" if was_queued else " (new waiter)"
@@ -297,6 +317,10 @@ class LuaModelMachine(RuleBasedStateMachine):
             self.reach("acquire GRANTED from the queue")
         self.reach(branch)
         return stored
+
+    def lost_group(self, job_id: str) -> str:
+        entry = self.state.delays.get(job_id)
+        return "" if entry is None else entry[0].group
 
     def end_delay(self, job_id: str) -> None:
         """Time passes for the lock-delay of job_id, and only for it; the sweep ends it."""
@@ -384,6 +408,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         nodes=node_lists,
         dry_run=st.booleans(),
         wait=st.booleans(),
+        group=st.sampled_from(GROUPS),
     )
     def acquire(
         self,
@@ -393,17 +418,23 @@ class LuaModelMachine(RuleBasedStateMachine):
         nodes: tuple[NodeAccess, ...],
         dry_run: bool,
         wait: bool,
+        group: str,
     ) -> None:
-        self.do_acquire(AcquireRequest(job_id, owner, operation, nodes, dry_run=dry_run, wait=wait))
+        self.do_acquire(
+            AcquireRequest(job_id, owner, operation, nodes, dry_run=dry_run, wait=wait, group=group)
+        )
 
     @rule(
         job_id=st.sampled_from(JOB_IDS),
         owner=st.sampled_from(OWNERS),
         nodes=node_lists,
+        group=st.sampled_from(GROUPS),
     )
-    def acquire_waiting(self, job_id: str, owner: str, nodes: tuple[NodeAccess, ...]) -> None:
+    def acquire_waiting(
+        self, job_id: str, owner: str, nodes: tuple[NodeAccess, ...], group: str
+    ) -> None:
         """Acquire with a wait, a second rule so that queues form often."""
-        self.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, wait=True))
+        self.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, wait=True, group=group))
 
     @precondition(lambda self: bool(self.state.waiters))
     @rule(data=st.data(), wait=st.booleans())
@@ -412,7 +443,12 @@ class LuaModelMachine(RuleBasedStateMachine):
         waiter = data.draw(st.sampled_from(self.state.waiters))
         nodes = data.draw(st.permutations(waiter.job.nodes))
         request = AcquireRequest(
-            waiter.job.job_id, waiter.job.owner, waiter.job.operation, tuple(nodes), wait=wait
+            waiter.job.job_id,
+            waiter.job.owner,
+            waiter.job.operation,
+            tuple(nodes),
+            wait=wait,
+            group=waiter.job.group,
         )
         answer = self.do_acquire(request)
         assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
@@ -442,24 +478,26 @@ class LuaModelMachine(RuleBasedStateMachine):
         """The holders in a waiter's way release their jobs, and the waiter checks again: it is
         granted unless a lock-delay or an earlier waiter still keeps it out."""
         waiter = data.draw(st.sampled_from(self.state.waiters))
-        in_the_way = self.state.conflicts(waiter.job.nodes, seq=waiter.seq)
+        in_the_way = self.state.conflicts(waiter.job.nodes, seq=waiter.seq, group=waiter.job.group)
         for job_id in sorted({c.holder_job_id for c in in_the_way if c.kind in LIVE_KINDS}):
             self.do_release(job_id, self.state.jobs[job_id].owner)
         job = waiter.job
-        answer = self.do_acquire(AcquireRequest(job.job_id, job.owner, job.operation, job.nodes))
+        answer = self.do_acquire(
+            AcquireRequest(job.job_id, job.owner, job.operation, job.nodes, group=job.group)
+        )
         assert answer.outcome in (Outcome.QUEUED, Outcome.GRANTED)
 
     @precondition(lambda self: bool(self.state.jobs) or bool(self.state.waiters))
     @rule(
         data=st.data(),
-        change=st.sampled_from(["none", "none", "owner", "operation", "mask", "nodes"]),
+        change=st.sampled_from(["none", "none", "owner", "operation", "mask", "nodes", "group"]),
     )
     def acquire_known_id(self, data: st.DataObject, change: str) -> None:
         """Reuse a held or queued id, nodes shuffled and, unless change is none, one part
         altered."""
         known = [*self.state.jobs.values(), *(w.job for w in self.state.waiters)]
         held = data.draw(st.sampled_from(known))
-        owner, operation = held.owner, held.operation
+        owner, operation, group = held.owner, held.operation, held.group
         nodes = list(data.draw(st.permutations(held.nodes)))
         if change == "owner":
             owner = data.draw(st.sampled_from([o for o in OWNERS if o != owner]))
@@ -474,6 +512,8 @@ class LuaModelMachine(RuleBasedStateMachine):
                 if data.draw(st.booleans())
                 else NodeAccess(target.node, target.require, target.allow ^ flip)
             )
+        elif change == "group":
+            group = data.draw(st.sampled_from([g for g in GROUPS if g != group]))
         elif change == "nodes":
             names = data.draw(
                 st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True).filter(
@@ -484,7 +524,7 @@ class LuaModelMachine(RuleBasedStateMachine):
             nodes = [kept.get(name, NodeAccess(name, 0, ALL_MASK)) for name in names]
         queued = held.job_id not in self.state.jobs
         request = AcquireRequest(
-            held.job_id, owner, operation, tuple(nodes), wait=data.draw(st.booleans())
+            held.job_id, owner, operation, tuple(nodes), wait=data.draw(st.booleans()), group=group
         )
         answer = self.do_acquire(request)
         if change != "none":
@@ -665,6 +705,21 @@ class LuaModelMachine(RuleBasedStateMachine):
                 for lost, _ in self.state.delays.values()
                 if lost.access_to(name) is not None
             ), name
+            # The per-group counts: live holders of a group only, no zeros left behind.
+            expected: Counter[str] = Counter()
+            for job in jobs:
+                access = job.access_to(name)
+                if access is None or not job.group:
+                    continue
+                expected["gn:" + job.group] += 1
+                for action in Action:
+                    if access.require & action.bit:
+                        expected[f"gr{action.value}:{job.group}"] += 1
+                    if access.allow & action.bit:
+                        expected[f"ga{action.value}:{job.group}"] += 1
+            stored = self.run(self.redis.hgetall(self.keys.node(name)))
+            grouped = {k: int(v) for k, v in stored.items() if k[0] == "g"}
+            assert grouped == dict(expected), name
 
     @invariant()
     def events_match(self) -> None:
@@ -754,9 +809,11 @@ def branch_walk(m: LuaModelMachine) -> list[Step]:
     it must reach (more may follow)."""
 
     def acquire(
-        job_id: str, owner: str, *nodes: NodeAccess, wait: bool = False
+        job_id: str, owner: str, *nodes: NodeAccess, wait: bool = False, group: str = ""
     ) -> Callable[[], object]:
-        return lambda: m.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, wait=wait))
+        return lambda: m.do_acquire(
+            AcquireRequest(job_id, owner, "commit", nodes, wait=wait, group=group)
+        )
 
     def dry_run(job_id: str, owner: str, *nodes: NodeAccess) -> Callable[[], object]:
         return lambda: m.do_acquire(AcquireRequest(job_id, owner, "commit", nodes, dry_run=True))
@@ -811,6 +868,18 @@ def branch_walk(m: LuaModelMachine) -> list[Step]:
         (acquire("j6", "host-c", sole(b)), ("acquire GRANTED",)),
         (partial(m.do_release, "j5", "host-c"), ()),
         (partial(m.do_release, "j6", "host-c"), ()),
+        # One group arbitrates itself: j7 joins j0 on a, which keeps out any other job.
+        (acquire("j0", "host-a", sole(a), group="qemu-1"), ("acquire GRANTED",)),
+        (acquire("j1", "host-b", sole(a), group="qemu-2"), ("acquire REFUSED",)),
+        (acquire("j7", "host-a", sole(a), group="qemu-1"), ("acquire GRANTED beside its group",)),
+        (update("j7", sole(a), shared(b)), ("update UPDATED",)),
+        # Lost, j0 leaves its group: its lock-delay keeps out its own group too.
+        (partial(m.expire, "j0"), ("expire into lock-delay",)),
+        (acquire("j3", "host-a", sole(a), group="qemu-1"), ("lock-delay blocks its own group",)),
+        (partial(m.end_delay, "j0"), ("lock-delay ended",)),
+        (acquire("j3", "host-a", sole(a), group="qemu-1"), ("acquire GRANTED beside its group",)),
+        (partial(m.do_release, "j3", "host-a"), ()),
+        (partial(m.do_release, "j7", "host-a"), ()),
     ]
 
 

@@ -4,13 +4,16 @@
 -- Node hash (nac:{ns}:n:<node>): "n" holder count, "r<i>" holders requiring action i, "a<i>"
 -- holders allowing action i, "h:<job_id>" the holder's "require,allow" masks, and
 -- ("d:<job_id>") the masks of a lost holder in lock-delay, which still counts as a holder until
--- the delay ends.
+-- the delay ends. Holders of a group (see model.py) are also counted per group: "gn:<group>",
+-- "gr<i>:<group>" and "ga<i>:<group>", so that a job can leave its own group's holders out of the
+-- check in O(actions) too. A lost holder has left its group.
 -- Storing allow counts (not refusal counts) keeps old data right when an action is added: nobody
 -- allows it yet.
 -- Job hash (nac:{ns}:jobs): job_id -> JSON record
---   {id, owner, op, nodes = {{name, require, allow}, ...}, token, acq, exp, ttl}
+--   {id, owner, op, nodes = {{name, require, allow}, ...}, token, acq, exp, ttl, group}
 -- Waiter hash (nac:{ns}:waiters): job_id -> JSON record
---   {id, owner, op, nodes, ttl, seq, deadline, exp, blocked = {{owner, job_id}, ...}}
+--   {id, owner, op, nodes, ttl, seq, deadline, exp, blocked = {{owner, job_id}, ...}, group}
+-- (group is "" or absent for a job of no group).
 -- Queue zset (nac:{ns}:q:<node>): waiting job_id -> seq, the order in which they queued.
 -- Lock-delay: zset nac:{ns}:delays job_id -> end ms, hash nac:{ns}:delayjobs job_id -> job JSON.
 -- History: stream nac:{ns}:events, one entry per change of state with its revision as id
@@ -31,18 +34,36 @@ local function parse_masks(value)
   return tonumber(string.sub(value, 1, comma - 1)), tonumber(string.sub(value, comma + 1))
 end
 
--- True when any holder of node_key refuses (require, allow). O(actions), whatever the holders.
--- own_masks, when given, is the caller's current hold on the node, which never refuses itself.
-local function node_refuses(node_key, require, allow, nactions, own_masks)
+-- Jobs of one non-empty group do not conflict with each other.
+local function same_group(one, other)
+  return one ~= nil and one ~= '' and one == other
+end
+
+-- True when any holder of node_key outside the caller's group refuses (require, allow).
+-- O(actions), whatever the holders. own_masks, when given, is the caller's current hold on the
+-- node, which never refuses itself (when the caller has a group, its group's counts hold it).
+local function node_refuses(node_key, require, allow, nactions, own_masks, group)
+  local in_group = group ~= nil and group ~= ''
   local fields = {'n'}
   for i = 1, nactions do
     fields[#fields + 1] = 'r' .. i
     fields[#fields + 1] = 'a' .. i
   end
+  if in_group then
+    fields[#fields + 1] = 'gn:' .. group
+    for i = 1, nactions do
+      fields[#fields + 1] = 'gr' .. i .. ':' .. group
+      fields[#fields + 1] = 'ga' .. i .. ':' .. group
+    end
+  end
   local values = redis.call('HMGET', node_key, unpack(fields))
-  local holders = tonumber(values[1] or '0')
+  local function value(k) return tonumber(values[k] or '0') end
+  local holders = value(1)
   local own_require, own_allow = 0, 0
-  if own_masks then
+  local group_base = 2 * nactions + 1
+  if in_group then
+    holders = holders - value(group_base + 1)
+  elseif own_masks then
     holders = holders - 1
     own_require, own_allow = parse_masks(own_masks)
   end
@@ -50,9 +71,12 @@ local function node_refuses(node_key, require, allow, nactions, own_masks)
     return false
   end
   for i = 1, nactions do
-    local required_by = tonumber(values[2 * i] or '0')
-    local allowed_by = tonumber(values[2 * i + 1] or '0')
-    if own_masks then
+    local required_by = value(2 * i)
+    local allowed_by = value(2 * i + 1)
+    if in_group then
+      required_by = required_by - value(group_base + 2 * i)
+      allowed_by = allowed_by - value(group_base + 2 * i + 1)
+    elseif own_masks then
       if has(own_require, i) then required_by = required_by - 1 end
       if has(own_allow, i) then allowed_by = allowed_by - 1 end
     end
@@ -103,8 +127,8 @@ local function push_per_action(out, index, found, kind, holder_id, record, delay
   end
 end
 
--- Appends every conflict with the holders and lost holders of one node to out.
-local function explain_node(out, keys, node_key, index, require, allow, nactions, self_id)
+-- Appends every conflict with the holders (of other groups) and lost holders of one node to out.
+local function explain_node(out, keys, node_key, index, require, allow, nactions, self_id, group)
   local flat = redis.call('HGETALL', node_key)
   for k = 1, #flat, 2 do
     local prefix, holder_id = string.sub(flat[k], 1, 2), string.sub(flat[k], 3)
@@ -114,8 +138,10 @@ local function explain_node(out, keys, node_key, index, require, allow, nactions
       if #found > 0 then
         if prefix == 'h:' then
           local record = cjson.decode(redis.call('HGET', keys.jobs, holder_id))
-          for _, c in ipairs(found) do
-            push_conflict(out, index, c[1], c[2], holder_id, record, 0)
+          if not same_group(record.group, group) then
+            for _, c in ipairs(found) do
+              push_conflict(out, index, c[1], c[2], holder_id, record, 0)
+            end
           end
         else
           local record = cjson.decode(redis.call('HGET', keys.delayjobs, holder_id))
@@ -127,13 +153,15 @@ local function explain_node(out, keys, node_key, index, require, allow, nactions
   end
 end
 
--- Appends conflicts with the jobs queued on a node before seq (all of them when seq is nil).
-local function explain_queue(out, keys, queue_key, node_name, index, require, allow, nactions, seq)
+-- Appends conflicts with the jobs of other groups queued on a node before seq (all of them when
+-- seq is nil).
+local function explain_queue(out, keys, queue_key, node_name, index, require, allow, nactions, seq,
+    group)
   local upper = seq and ('(' .. seq) or '+inf'
   for _, waiter_id in ipairs(redis.call('ZRANGEBYSCORE', queue_key, '-inf', upper)) do
     local record = cjson.decode(redis.call('HGET', keys.waiters, waiter_id))
     for _, node in ipairs(record.nodes) do
-      if node[1] == node_name then
+      if node[1] == node_name and not same_group(record.group, group) then
         local found = pair_conflicts(require, allow, node[2], node[3], nactions)
         push_per_action(out, index, found, KIND.WAITING_AHEAD, waiter_id, record, 0)
       end
@@ -141,17 +169,35 @@ local function explain_queue(out, keys, queue_key, node_name, index, require, al
   end
 end
 
-local function add_holder(node_key, job_id, require, allow, nactions)
+-- Adds delta (1 or -1) to a group's counts on a node; a count that reaches 0 goes.
+local function count_in_group(node_key, group, require, allow, nactions, delta)
+  if group == nil or group == '' then
+    return
+  end
+  local function bump(field)
+    if tonumber(redis.call('HINCRBY', node_key, field, delta)) <= 0 then
+      redis.call('HDEL', node_key, field)
+    end
+  end
+  bump('gn:' .. group)
+  for i = 1, nactions do
+    if has(require, i) then bump('gr' .. i .. ':' .. group) end
+    if has(allow, i) then bump('ga' .. i .. ':' .. group) end
+  end
+end
+
+local function add_holder(node_key, job_id, require, allow, nactions, group)
   redis.call('HINCRBY', node_key, 'n', 1)
   for i = 1, nactions do
     if has(require, i) then redis.call('HINCRBY', node_key, 'r' .. i, 1) end
     if has(allow, i) then redis.call('HINCRBY', node_key, 'a' .. i, 1) end
   end
+  count_in_group(node_key, group, require, allow, nactions, 1)
   redis.call('HSET', node_key, 'h:' .. job_id, require .. ',' .. allow)
 end
 
--- Removes a holder ("h:") or lost holder ("d:") entry and its counts.
-local function remove_holder(node_key, field, nactions)
+-- Removes a holder ("h:", of group) or lost holder ("d:", of none) entry and its counts.
+local function remove_holder(node_key, field, nactions, group)
   local masks = redis.call('HGET', node_key, field)
   if not masks then
     return
@@ -161,6 +207,7 @@ local function remove_holder(node_key, field, nactions)
     return
   end
   local require, allow = parse_masks(masks)
+  count_in_group(node_key, group, require, allow, nactions, -1)
   for i = 1, nactions do
     if has(require, i) then redis.call('HINCRBY', node_key, 'r' .. i, -1) end
     if has(allow, i) then redis.call('HINCRBY', node_key, 'a' .. i, -1) end

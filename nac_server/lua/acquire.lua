@@ -5,7 +5,8 @@
 -- in request order: its node hash and its queue.
 -- ARGV[1] job id, ARGV[2] owner, ARGV[3] operation, ARGV[4] ttl in ms, ARGV[5] "1" for a dry run,
 -- ARGV[6] history caps "events,bytes,notices", ARGV[7] number of actions, ARGV[8] wait in ms (0: answer at once),
--- ARGV[9] waiter liveness in ms, ARGV[10..] per node: name, require mask, allow mask.
+-- ARGV[9] waiter liveness in ms, ARGV[10] group ("" for none), ARGV[11..] per node: name,
+-- require mask, allow mask.
 --
 -- Returns {verdict, revision, record, extra, conflict...} (see answer in _lib), the verdict one of
 --   GRANTED         record: the job, which now holds every node
@@ -18,7 +19,7 @@
 --                   to re-check
 --   DEADLOCK        queuing would close a cycle of waiting owners; extra: the cycle in words
 -- A job conflicts with the holders and lost holders of its nodes, and with the jobs queued there
--- before it (fairness). A retry of a granted call answers "existing", so no token is taken twice;
+-- before it (fairness), except those of its own group. A retry of a granted call answers "existing", so no token is taken twice;
 -- a call for a queued job re-checks it in its place and refreshes its liveness.
 
 local keys, bad = script_keys('acquire')
@@ -26,10 +27,10 @@ if not keys then return bad end
 
 local job_id, owner, operation = ARGV[1], ARGV[2], ARGV[3]
 local ttl, dry_run, limits, nactions = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
-local wait, liveness = tonumber(ARGV[8]), tonumber(ARGV[9])
+local wait, liveness, group = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
 
 local nodes = {}
-for i = 10, #ARGV, 3 do
+for i = 11, #ARGV, 3 do
   nodes[#nodes + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
 end
 bad = expect_key_count(keys, 2 * #nodes)
@@ -38,7 +39,8 @@ local function node_key(i) return KEYS[keys.fixed + 2 * i - 1] end
 local function queue_key(i) return KEYS[keys.fixed + 2 * i] end
 
 local function same_content(record)
-  return record.owner == owner and record.op == operation and same_nodes(record.nodes, nodes)
+  return record.owner == owner and record.op == operation and (record.group or '') == group
+    and same_nodes(record.nodes, nodes)
 end
 
 local waiting = nil
@@ -65,11 +67,11 @@ end
 
 local conflicts = {}
 for i, node in ipairs(nodes) do
-  if node_refuses(node_key(i), node[2], node[3], nactions, nil) then
-    explain_node(conflicts, keys, node_key(i), i, node[2], node[3], nactions, nil)
+  if node_refuses(node_key(i), node[2], node[3], nactions, nil, group) then
+    explain_node(conflicts, keys, node_key(i), i, node[2], node[3], nactions, nil, group)
   end
   explain_queue(conflicts, keys, queue_key(i), node[1], i, node[2], node[3], nactions,
-    waiting and waiting.seq or nil)
+    waiting and waiting.seq or nil, group)
 end
 
 if dry_run then
@@ -93,13 +95,13 @@ if #conflicts == 0 then
   if waiting then leave_queue() end
   local record = {
     id = job_id, owner = owner, op = operation, nodes = nodes,
-    token = redis.call('INCR', keys.fence), acq = now, exp = now + ttl, ttl = ttl,
+    token = redis.call('INCR', keys.fence), acq = now, exp = now + ttl, ttl = ttl, group = group,
   }
   local record_json = cjson.encode(record)
   redis.call('HSET', keys.jobs, job_id, record_json)
   redis.call('ZADD', keys.leases, record.exp, job_id)
   for i, node in ipairs(nodes) do
-    add_holder(node_key(i), job_id, node[2], node[3], nactions)
+    add_holder(node_key(i), job_id, node[2], node[3], nactions, group)
   end
   local revision = emit(keys, limits, EVENT.ACQUIRED, record_json, now)
   return answer(VERDICT.GRANTED, revision, record_json)
@@ -171,6 +173,7 @@ elseif wait > 0 then
   waiting = {
     id = job_id, owner = owner, op = operation, nodes = nodes, ttl = ttl, seq = seq,
     deadline = deadline, exp = math.min(deadline, now + liveness), blocked = blocked,
+    group = group,
   }
   waiter_json = cjson.encode(waiting)
   redis.call('HSET', keys.waiters, job_id, waiter_json)

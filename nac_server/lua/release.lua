@@ -46,18 +46,21 @@ end
 local delay_end = 0
 if delay > 0 then
   delay_end = now + delay
-  -- The lost holder keeps counting on its nodes: its masks move from "h:" to "d:".
+  -- The lost holder keeps counting on its nodes: its masks move from "h:" to "d:". It leaves
+  -- its group, which may not skip its lock-delay.
   for i = 1, #record.nodes do
     local node_key = KEYS[keys.fixed + i]
     local masks = redis.call('HGET', node_key, 'h:' .. job_id)
     redis.call('HDEL', node_key, 'h:' .. job_id)
     redis.call('HSET', node_key, 'd:' .. job_id, masks)
+    local require, allow = parse_masks(masks)
+    count_in_group(node_key, record.group, require, allow, nactions, -1)
   end
   redis.call('ZADD', keys.delays, delay_end, job_id)
   redis.call('HSET', keys.delayjobs, job_id, stored)
 else
   for i = 1, #record.nodes do
-    remove_holder(KEYS[keys.fixed + i], 'h:' .. job_id, nactions)
+    remove_holder(KEYS[keys.fixed + i], 'h:' .. job_id, nactions, record.group)
   end
 end
 redis.call('HDEL', keys.jobs, job_id)

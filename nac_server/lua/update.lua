@@ -18,7 +18,7 @@
 --   PERMISSION_DENIED  another owner's job
 --   RETRY              KEYS named other current nodes; call again
 -- The job is checked against the other holders and lost holders of each node, never against
--- itself and never against waiters: a conversion goes ahead of the queue.
+-- itself, its group or waiters: a conversion goes ahead of the queue.
 
 local keys, bad = script_keys('update')
 if not keys then return bad end
@@ -51,8 +51,9 @@ end
 local conflicts = {}
 for i, node in ipairs(nodes) do
   local own = redis.call('HGET', new_key(i), 'h:' .. job_id)
-  if node_refuses(new_key(i), node[2], node[3], nactions, own or nil) then
-    explain_node(conflicts, keys, new_key(i), i, node[2], node[3], nactions, job_id)
+  if node_refuses(new_key(i), node[2], node[3], nactions, own or nil, record.group) then
+    explain_node(conflicts, keys, new_key(i), i, node[2], node[3], nactions, job_id,
+      record.group)
   end
 end
 
@@ -67,10 +68,10 @@ if dry_run then
 end
 
 for i = 1, current_count do
-  remove_holder(KEYS[keys.fixed + i], 'h:' .. job_id, nactions)
+  remove_holder(KEYS[keys.fixed + i], 'h:' .. job_id, nactions, record.group)
 end
 for i, node in ipairs(nodes) do
-  add_holder(new_key(i), job_id, node[2], node[3], nactions)
+  add_holder(new_key(i), job_id, node[2], node[3], nactions, record.group)
 end
 -- Watchers and waiters of a node the job lets go must hear of it too.
 local kept, dropped = {}, {}

@@ -128,6 +128,7 @@ class AcquireRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     job_id: _builtins.str
     """Unique within the namespace: [A-Za-z0-9._:-]{1,128}. Empty lets the server choose one."""
@@ -137,6 +138,13 @@ class AcquireRequest(_message.Message):
     """Free-text operation name used in explanations, e.g. "block-commit". 1-128 bytes."""
     dry_run: _builtins.bool
     """Answer without changing anything. The job_id is not looked up."""
+    group: _builtins.str
+    """Jobs of one non-empty group never conflict with each other, as holders or as waiters: the
+    group arbitrates itself (one QEMU process does, for its own block graph). Jobs of other
+    groups and of none are checked as usual. A lost job in lock-delay has left its group and
+    blocks its group too. Part of the job: a retry with another group is ALREADY_EXISTS.
+    1-256 bytes, no control characters; empty for none.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeAccess]:
         """At least one node, each at most once."""
@@ -160,10 +168,11 @@ class AcquireRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         dry_run: _builtins.bool = ...,
         wait: _duration_pb2.Duration | None = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "group", b"group", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +339,7 @@ class Job(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     QUEUE_POSITIONS_FIELD_NUMBER: _builtins.int
     WAIT_DEADLINE_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     job_id: _builtins.str
     owner: _builtins.str
@@ -339,6 +349,8 @@ class Job(_message.Message):
     token they have seen.
     """
     state: Global___Job.State.ValueType
+    group: _builtins.str
+    """The job's group (AcquireRequest.group), empty for none."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeAccess]: ...
     @_builtins.property
@@ -374,10 +386,11 @@ class Job(_message.Message):
         state: Global___Job.State.ValueType = ...,
         queue_positions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         wait_deadline: _timestamp_pb2.Timestamp | None = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "ttl", b"ttl", "wait_deadline", b"wait_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "queue_positions", b"queue_positions", "state", b"state", "ttl", b"ttl", "wait_deadline", b"wait_deadline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired_at", b"acquired_at", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "group", b"group", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "queue_positions", b"queue_positions", "state", b"state", "ttl", b"ttl", "wait_deadline", b"wait_deadline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,6 +94,7 @@ def job_from_proto(message: nac_pb2.Job) -> Job:
             if message.HasField("wait_deadline")
             else None
         ),
+        group=message.group,
     )
 
 
@@ -223,6 +224,7 @@ def acquire_request(
     ttl: timedelta | None,
     dry_run: bool,
     wait: timedelta | None = None,
+    group: str = "",
 ) -> nac_pb2.AcquireRequest:
     return nac_pb2.AcquireRequest(
         namespace=namespace,
@@ -233,6 +235,7 @@ def acquire_request(
         ttl=duration_to_proto(ttl) if ttl is not None else None,
         dry_run=dry_run,
         wait=duration_to_proto(wait) if wait else None,
+        group=group,
     )
 
 

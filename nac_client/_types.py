@@ -81,6 +81,7 @@ class Job:
         state: HELD, or WAITING for a job queued by an acquire with a wait.
         queue_positions: For a waiting job, its place in each node's queue, 1 being next.
         wait_deadline: For a waiting job, when its wait ends.
+        group: The job's group, whose jobs do not conflict with each other; empty for none.
     """
 
     namespace: str
@@ -96,6 +97,7 @@ class Job:
     # Left out of the hash (a dict has none) but compared like every other field.
     queue_positions: Mapping[str, int] = field(default_factory=dict, hash=False)
     wait_deadline: datetime | None = None
+    group: str = ""
 
 
 class ConflictKind(enum.Enum):

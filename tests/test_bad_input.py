@@ -72,6 +72,8 @@ ACQUIRE_CASES: dict[str, tuple[dict[str, object], str]] = {
     "owner empty": ({"owner": ""}, "owner"),
     "owner control char": ({"owner": "host\x00a"}, "owner"),
     "owner too long": ({"owner": "o" * 257}, "owner"),
+    "group control char": ({"group": "qemu\x00a"}, "group"),
+    "group too long": ({"group": "g" * 257}, "group"),
     "operation empty": ({"operation": ""}, "operation"),
     "operation newline": ({"operation": "commit\n"}, "operation"),
     "no nodes": ({"nodes": []}, "nodes"),

@@ -302,3 +302,31 @@ def test_sync_client_round_trip(
         job = host_b.acquire([NodeAccess("/a", [W], [])], operation="mirror")
         assert job.fencing_token > hold.job.fencing_token
         assert host_b.release(job.job_id)
+
+
+async def test_one_group_arbitrates_itself(agents: tuple[AsyncClient, AsyncClient]) -> None:
+    """Jobs of one group share a node their masks would otherwise fight over (as one QEMU
+    process runs a live commit under its own guest device); another group is still refused, a
+    retry with another group is not the same job, and reads report the group."""
+    host_a, host_b = agents
+    node = "/vol/live.qcow2"
+    device = await host_a.acquire(
+        [NodeAccess(node, [W, R], [R])], operation="guest-device", group="qemu-a"
+    )
+    commit = await host_a.acquire(
+        [NodeAccess(node, [W, R, GRAPH], [R])], operation="block-commit", group="qemu-a"
+    )
+    assert (device.group, commit.group) == ("qemu-a", "qemu-a")
+    with pytest.raises(Conflict) as refused:
+        await host_b.acquire([NodeAccess(node, [R], [R])], operation="backup", group="qemu-b")
+    assert {c.holder_job_id for c in refused.value.conflicts} == {device.job_id, commit.job_id}
+    assert await host_a.check([NodeAccess(node, [W], [])], operation="x", group="qemu-a") == ()
+    with pytest.raises(AlreadyExists):
+        await host_a.acquire(
+            [NodeAccess(node, [W, R, GRAPH], [R])],
+            operation="block-commit",
+            job_id=commit.job_id,
+            group="qemu-b",
+        )
+    listed = {job.job_id: job.group for job in await host_b.list_jobs()}
+    assert listed == {device.job_id: "qemu-a", commit.job_id: "qemu-a"}

@@ -45,6 +45,7 @@ class AsyncClient(JobCalls, OperatorCalls, ReadCalls, WatchCalls, LeaseCalls):
         ttl: timedelta | float | None = None,
         wait: timedelta | float | None = None,
         on_lost: Callable[[Job], None] | None = None,
+        group: str = "",
     ) -> AsyncHold:
         """Prepares a hold: entering it acquires, then renews the lease until it is exited.
 
@@ -55,6 +56,7 @@ class AsyncClient(JobCalls, OperatorCalls, ReadCalls, WatchCalls, LeaseCalls):
             ttl: Lease length (seconds or timedelta); the server's default when omitted.
             wait: How long entering may queue when refused, as for acquire.
             on_lost: Called once, from the renewing task, with the job if the hold is lost.
+            group: The job's group, as for acquire.
 
         Returns:
             The hold, to be entered with a with statement.
@@ -67,4 +69,5 @@ class AsyncClient(JobCalls, OperatorCalls, ReadCalls, WatchCalls, LeaseCalls):
             ttl=to_timedelta(ttl),
             wait=to_non_negative_timedelta(wait, "wait") if wait is not None else None,
             on_lost=on_lost,
+            group=group,
         )

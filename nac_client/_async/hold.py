@@ -51,6 +51,7 @@ class AsyncHold:
         ttl: timedelta | None,
         wait: timedelta | None,
         on_lost: Callable[[Job], None] | None,
+        group: str = "",
     ) -> None:
         self._client = client
         self._nodes = nodes
@@ -59,6 +60,7 @@ class AsyncHold:
         self._ttl = ttl
         self._wait = wait
         self._on_lost = on_lost
+        self._group = group
         # The job as granted or updated, written only by the caller's code, and the last
         # renewal, written only by the renewer: with one writer each, the blocking twin's
         # threads never lose each other's changes. The job property combines the two.
@@ -122,6 +124,7 @@ class AsyncHold:
             job_id=self._job_id,
             ttl=self._ttl,
             wait=self._wait,
+            group=self._group,
         )
         self._job = job
         lease = Lease(ttl=job.ttl.total_seconds(), renewed_at=requested_at)

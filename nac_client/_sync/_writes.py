@@ -36,6 +36,7 @@ class JobCalls(ClientBase):
         job_id: str | None = None,
         ttl: timedelta | float | None = None,
         wait: timedelta | float | None = None,
+        group: str = "",
     ) -> Job:
         """Asks for all of a job's nodes at once, waiting in their queues if asked to.
 
@@ -48,6 +49,8 @@ class JobCalls(ClientBase):
             wait: How long to queue when refused (seconds or timedelta); None or zero answers
                 at once. Queues are first come, first served per node. The call may take the
                 wait plus the client's timeout; cancelling it leaves the queue at once.
+            group: Jobs of one non-empty group never conflict with each other (one QEMU
+                process, say, which arbitrates its own operations); empty for none.
 
         Returns:
             The granted job, with its fencing token.
@@ -71,6 +74,7 @@ class JobCalls(ClientBase):
             nodes=nodes,
             ttl=to_timedelta(ttl),
             dry_run=False,
+            group=group,
         )
         if waiting:
             response = self._acquire_waiting(request, waiting)
@@ -103,12 +107,15 @@ class JobCalls(ClientBase):
 
         return self._call(attempt, retry_on=is_unavailable)
 
-    def check(self, nodes: Iterable[NodeAccess], *, operation: str) -> tuple[ConflictDetail, ...]:
+    def check(
+        self, nodes: Iterable[NodeAccess], *, operation: str, group: str = ""
+    ) -> tuple[ConflictDetail, ...]:
         """Asks whether a job would be granted, changing nothing.
 
         Args:
             nodes: What the job would need on each node.
             operation: The operation name the explanations would use.
+            group: The job's group, whose jobs would not count against it.
 
         Returns:
             Every conflict; an empty tuple means the job would be granted now.
@@ -122,6 +129,7 @@ class JobCalls(ClientBase):
             nodes=nodes,
             ttl=None,
             dry_run=True,
+            group=group,
         )
         response = self._unary(self._stub.Acquire, request)
         return conflicts_from_proto(response.conflicts, nodes)

@@ -5,7 +5,7 @@ table by default and JSON with -o json (one object; JSON lines for `watch`). Glo
 also come from the environment: NAC_SERVER, NAC_NAMESPACE, NAC_OWNER, NAC_ADMIN_TOKEN,
 NAC_OUTPUT, NAC_TIMEOUT.
 
-Commands: jobs, job, node, explain, watch, acquire, release, force-release, config.
+Commands: jobs, job, node, explain, presets, watch, acquire, release, force-release, config.
 
 Exit codes:
   0    success
@@ -37,11 +37,11 @@ from typing import Any, NoReturn, TypeVar
 import click
 from rich.console import Console
 
-from nac_cli import render
+from nac_cli import presets, render
 from nac_cli.access import ACTIONS_HELP, SpecError, node_accesses
 from nac_cli.exit_codes import EXIT_CODES_TEXT, ExitCode, exit_code_for
 from nac_cli.supervise import Outcome, run_while_held
-from nac_client import Client, Conflict, Deadlock, Event, JobState, NacError, NodeAccess
+from nac_client import Client, Conflict, Deadlock, Event, JobState, NacError, NodeAccess, qemu
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -324,47 +324,145 @@ def node(settings: Settings, name: str) -> None:
         )
 
 
-@cli.command()
+def _preset_named(args: Sequence[str]) -> str | None:
+    """The NAME of --preset NAME (or --preset=NAME) among a command's arguments."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--preset":
+            return args[index + 1] if index + 1 < len(args) else None
+        if arg.startswith("--preset="):
+            return arg.partition("=")[2]
+    return None
+
+
+class ExplainCommand(click.Command):
+    """`explain`, which takes the options of the preset that --preset names as its own.
+
+    The preset is found among the arguments before they are parsed, so its options are parsed,
+    checked and listed in --help like any other: a missing or unknown one is a usage error.
+    """
+
+    _META_KEY = "nac_cli.preset_options"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        name = _preset_named(args)
+        if name is not None:
+            try:
+                ctx.meta[self._META_KEY] = presets.click_options(name)
+            except presets.PresetError as err:
+                raise click.UsageError(str(err), ctx) from err
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        extra: list[click.Parameter] = list(ctx.meta.get(self._META_KEY, ()))
+        # Before --help, which click keeps last.
+        return [*params[:-1], *extra, *params[-1:]] if extra else params
+
+
+@cli.command(cls=ExplainCommand)
 @access_options
 @click.option(
+    "--preset",
+    metavar="NAME",
+    help="Explain a QEMU operation from the catalog (see `nacctl presets`), with its own "
+    "options, instead of --node/--access.",
+)
+@click.option(
     "--operation",
-    default="explain",
-    show_default=True,
-    help="The operation name the explanations would give other jobs.",
+    help="The operation name the explanations would give other jobs. [default: the preset's "
+    "operation, or explain]",
 )
 @pass_settings
 def explain(
     settings: Settings,
+    /,
     nodes: tuple[str, ...],
     require: tuple[str, ...],
     allow: tuple[str, ...],
     access_specs: tuple[str, ...],
-    operation: str,
+    preset: str | None,
+    operation: str | None,
+    **preset_args: Any,
 ) -> int:
     """Say whether a job would be granted now, and if not why, changing nothing.
 
     Prints one line per conflict (each node, action and job in the way), or "would be
-    granted". Exits 3 when it would be refused.
+    granted". Exits 3 when it would be refused. With --preset, first says which operation the
+    preset stands for, the QEMU source of its masks and what it requires and allows on each
+    node; `nacctl explain --preset NAME --help` lists the preset's options.
 
     \b
     Examples:
       nacctl explain --node /vol/base.qcow2 --require write --allow read
       nacctl explain --access '/vol/top.qcow2:require=read;allow=read' \\
                      --access '/vol/base.qcow2:require=write,read;allow=read'
+      nacctl explain --preset block-commit --chain /vol/top.qcow2,/vol/base.qcow2
+      nacctl explain --preset guest-device --image /vol/top.qcow2 --share-rw
     """
-    accesses = read_accesses(nodes, require, allow, access_specs)
+    built: qemu.Preset | None = None
+    if preset is not None:
+        if nodes or require or allow or access_specs:
+            raise click.UsageError(
+                "--preset cannot be combined with --node, --require, --allow or --access"
+            )
+        try:
+            built = presets.build(preset, preset_args)
+        except presets.PresetError as err:
+            raise click.UsageError(str(err)) from err
+        accesses = built.nodes
+    else:
+        accesses = read_accesses(nodes, require, allow, access_specs)
+    name = operation or (built.operation if built is not None else "explain")
     with settings.client() as client:
-        conflicts = client.check(accesses, operation=operation)
+        conflicts = client.check(accesses, operation=name)
     if settings.json:
-        print_json(
-            {"granted": not conflicts, "conflicts": [render.conflict_json(c) for c in conflicts]}
-        )
-    elif conflicts:
+        answer = render.preset_json(preset, built) if preset and built else {}
+        answer |= {
+            "granted": not conflicts,
+            "conflicts": [render.conflict_json(c) for c in conflicts],
+        }
+        print_json(answer)
+        return ExitCode.REFUSED if conflicts else ExitCode.OK
+    if preset is not None and built is not None:
+        for line in render.preset_lines(preset, built):
+            click.echo(line)
+    if conflicts:
         for conflict in conflicts:
             click.echo(str(conflict))
     else:
         click.echo("would be granted")
     return ExitCode.REFUSED if conflicts else ExitCode.OK
+
+
+@cli.command("presets")
+@pass_settings
+def list_presets(settings: Settings) -> None:
+    """List the QEMU presets that `explain --preset` takes, with their options.
+
+    Each preset stands for one QEMU operation; its masks come from QEMU's permission code.
+
+    \b
+    Examples:
+      nacctl presets
+      nacctl -o json presets | jq -r '.presets[].name'
+    """
+    if settings.json:
+        print_json(
+            {
+                "presets": [
+                    {
+                        "name": name,
+                        "description": presets.description(name),
+                        "options": [o.json() for o in presets.options(name)],
+                    }
+                    for name in presets.names()
+                ]
+            }
+        )
+        return
+    console().print(render.presets_table(presets.names()))
 
 
 @cli.command()

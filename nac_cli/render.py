@@ -13,8 +13,10 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from nac_cli import presets
 from nac_cli.access import short_actions
 from nac_client import (
+    Action,
     ConflictDetail,
     Contention,
     Event,
@@ -25,6 +27,7 @@ from nac_client import (
     NodeAccess,
     NodeState,
 )
+from nac_client.qemu import Preset
 
 JsonObject = dict[str, Any]
 
@@ -44,6 +47,15 @@ def access_json(access: NodeAccess) -> JsonObject:
         "node": access.node,
         "require": [a.name for a in sorted(access.require)],
         "allow": [a.name for a in sorted(access.allow)],
+    }
+
+
+def preset_json(name: str, preset: Preset) -> JsonObject:
+    return {
+        "preset": name,
+        "operation": preset.operation,
+        "source": preset.source,
+        "nodes": [access_json(n) for n in preset.nodes],
     }
 
 
@@ -141,6 +153,25 @@ def access_words(access: NodeAccess) -> str:
     return (
         f"{access.node} require={short_actions(access.require)} allow={short_actions(access.allow)}"
     )
+
+
+def mask_words(actions: Iterable[Action]) -> str:
+    """A mask by short names, "nothing" when empty: "write,read", "nothing"."""
+    actions = frozenset(actions)
+    return short_actions(actions) if actions else "nothing"
+
+
+def preset_lines(name: str, preset: Preset) -> list[str]:
+    """What a preset asks for: its operation, its QEMU source, then one line per node."""
+    lines = [
+        f"preset {name}: operation {preset.operation!r}",
+        f"masks from QEMU's {preset.source}",
+    ]
+    lines += [
+        f"  {n.node}: require {mask_words(n.require)}; allow {mask_words(n.allow)}"
+        for n in preset.nodes
+    ]
+    return lines
 
 
 def event_line(event: Event) -> str:
@@ -281,4 +312,15 @@ def config_table(config: NamespaceConfig) -> Table:
     table.add_column("VALUE")
     table.add_row("namespace", Text(config.namespace))
     table.add_row("lock-delay", f"{config.lock_delay.total_seconds():g}s")
+    return table
+
+
+def presets_table(names: Iterable[str]) -> Table:
+    """Each preset: its name, its options and the first line of its description."""
+    table = Table(title="QEMU presets, for explain --preset NAME", title_justify="left")
+    table.add_column("PRESET", no_wrap=True)
+    table.add_column("OPTIONS")
+    table.add_column("DESCRIPTION")
+    for name in names:
+        table.add_row(Text(name), Text(presets.usage(name)), Text(presets.description(name)))
     return table

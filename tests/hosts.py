@@ -160,6 +160,23 @@ def remove_stale_namespaces() -> list[str]:
     return stale
 
 
+def living_process_groups() -> dict[int, list[int]]:
+    """Process group -> its living (not zombie) members, for every process on the machine."""
+    groups: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # "pid (comm) state ppid pgrp ...": comm may hold anything, so split after it.
+                state, _ppid, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state not in {"Z", "X"}:
+            groups.setdefault(int(pgrp), []).append(int(entry))
+    return groups
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -469,6 +486,14 @@ class SimulatedCluster:
             # Children that outlived their leader.
             self._kill_group(process, signal.SIGKILL)
             self._swept.add(process.pid)
+        # A killed member may take a moment to die, or be orphaned and die a little later.
+        leaders = {process.pid for process in self._processes}
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (left := leaders & living_process_groups().keys()) and time.monotonic() < deadline:
+            for pgid in left:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+            time.sleep(0.02)
         for process in self._processes:
             for stream in (process.stdin, process.stdout, process.stderr):
                 if stream is not None:

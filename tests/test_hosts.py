@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
 from typing import Any
 
-from tests.hosts import SimulatedCluster, cluster, list_namespaces
+import pytest
+
+from tests.hosts import SimulatedCluster, cluster, list_namespaces, living_process_groups
 
 __all__ = ["cluster"]
 
@@ -94,7 +97,12 @@ def test_partition_cuts_off_only_the_partitioned_host(cluster: SimulatedCluster)
 
 
 def test_leaving_the_cluster_leaves_nothing_behind() -> None:
+    # Left by a run whose process is gone: no pid is ever above pid_max.
+    with open("/proc/sys/kernel/pid_max") as limit:
+        stale = f"nac{int(limit.read()) + 1}a"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
     with SimulatedCluster() as made:
+        assert stale not in list_namespaces()
         # A process left running on a host, with a child of its own in its group.
         made.host("b").popen(["sh", "-c", "sleep 300 & sleep 300"])
         pids = made.tracked_pids
@@ -104,3 +112,14 @@ def test_leaving_the_cluster_leaves_nothing_behind() -> None:
     assert pids
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} still exists"
+    assert not set(pids) & living_process_groups().keys()
+
+
+def test_an_error_in_the_block_still_cleans_up() -> None:
+    """An error inside the with block (here: a host that does not exist) still cleans up."""
+    prefix = f"nac{os.getpid()}"
+    with pytest.raises(KeyError), SimulatedCluster() as made:
+        pids = made.tracked_pids
+        made.host("d")
+    assert not [name for name in list_namespaces() if name.startswith(prefix)]
+    assert not set(pids) & living_process_groups().keys()

@@ -215,6 +215,24 @@ def mirror(source: str, target: str) -> Preset:
     )
 
 
+def mirror_running(source: str, target: str) -> Preset:
+    """A mirror once QEMU has started it: `mirror`'s job converted to what the copy needs.
+
+    From block/mirror.c:mirror_start_job as for `mirror`, without the blocker checks of the
+    start (blockdev.c:qmp_blockdev_mirror): while it copies, the job changes no graph, so it no
+    longer requires GRAPH_RECONFIG; its nodes stay op-blocked (block_job_add_bdrv), so it still
+    does not allow it. `mirror_completion` requires it again for the swap.
+    """
+    return Preset(
+        "blockdev-mirror running",
+        (
+            _access(source, {READ}, {READ, WRITE, WRITE_UNCHANGED}),
+            _access(target, {WRITE}, {WRITE_UNCHANGED}),
+        ),
+        "block/mirror.c:mirror_start_job",
+    )
+
+
 def mirror_completion(source: str, target: str) -> Preset:
     """A mirror from its completion (job-complete) on: the conversion of `mirror`'s job.
 
@@ -465,6 +483,7 @@ CATALOG: dict[str, PresetBuilder] = {
     "block-commit": block_commit,
     "block-stream": block_stream,
     "mirror": mirror,
+    "mirror-running": mirror_running,
     "mirror-completion": mirror_completion,
     "backup": backup,
     "block-resize": block_resize,

@@ -67,6 +67,7 @@ CASES: list[tuple[catalog.Preset, list[tuple[str, str, str]]]] = [
         [("/s/top", "RUG", "RWUM"), ("/s/mid", "G", "RUM")],
     ),
     (catalog.mirror("/s/top", "/s/t"), [("/s/top", "RG", "RWUM"), ("/s/t", "WG", "UM")]),
+    (catalog.mirror_running("/s/top", "/s/t"), [("/s/top", "R", "RWUM"), ("/s/t", "W", "UM")]),
     (
         catalog.mirror_completion("/s/top", "/s/t"),
         [("/s/top", "RG", "RWUM"), ("/s/t", "WG", "RUM")],

@@ -265,7 +265,8 @@ class Host:
 class SimulatedCluster:
     """Hosts a, b and c and an infra host running Redis and two NAC replicas; see the module."""
 
-    def __init__(self, start_timeout: float = START_TIMEOUT) -> None:
+    def __init__(self, start_timeout: float = START_TIMEOUT, lock_delay: float = 0.0) -> None:
+        self.lock_delay = lock_delay
         self.pid = os.getpid()
         self.prefix = f"nac{self.pid}"
         # 10.1.0.0/24 to 10.250.0.0/24: the subnet alone tells parallel runs apart.
@@ -416,7 +417,7 @@ class SimulatedCluster:
                             "--grace",
                             "2",
                             "--lock-delay",
-                            "0",
+                            str(self.lock_delay),
                         ],
                         stdin=subprocess.DEVNULL,
                         stdout=log,

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,64 +135,36 @@ class QmpRefused(Exception):
 _instance_ids = itertools.count(1)
 
 
-class QemuProcess:
-    """One QEMU process with a QMP socket; stopped with quit, or killed on any failure."""
+class Monitor:
+    """A QMP connection to a socket (QEMU's own, or a guard's in front of it)."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
-        self.socket = directory / f"qmp-{os.getpid()}-{next(_instance_ids)}.sock"
-        self.socket.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [
-                "qemu-system-x86_64",
-                "-M",
-                "pc",
-                "-S",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-accel",
-                "tcg",
-                "-qmp",
-                f"unix:{self.socket},server=on,wait=off",
-                *extra,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self._ids = itertools.count(1)
-        try:
-            self.qmp = QEMUMonitorProtocol(str(self.socket))
-            self._connect()
-        except BaseException:
-            self.kill()
-            raise
-
-    def _connect(self) -> None:
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                _, err = self.process.communicate(timeout=5)
-                raise RuntimeError(f"QEMU did not start: {err.decode(errors='replace')}")
+    def __init__(self, socket: Path, alive: Callable[[], bool], timeout: float = 30.0) -> None:
+        self.socket = socket
+        self.qmp = QEMUMonitorProtocol(str(socket))
+        deadline = time.monotonic() + timeout
+        while not socket.exists():
+            if not alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {socket}")
             time.sleep(0.005)
-        # The socket file appears just before QEMU listens on it.
+        # The socket file appears just before its server listens on it.
         while True:
             try:
                 self.qmp.connect()
                 # No QMP answer may keep a test waiting without bound.
                 self.qmp.settimeout(COMMAND_TIMEOUT)
                 return
-            except ConnectError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
+            except (ConnectError, OSError):
+                if not alive() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.005)
 
-    def new_id(self, prefix: str) -> str:
-        return f"{prefix}{next(self._ids)}"
+    def reply(self, command: str, **arguments: Any) -> dict[str, Any]:
+        """The whole reply: a return or an error."""
+        return dict(self.qmp.cmd_raw(command, arguments or None))
 
     def command(self, command: str, **arguments: Any) -> Any:
-        """Runs a QMP command; raises QmpRefused if QEMU answers with an error."""
-        reply = self.qmp.cmd_raw(command, arguments or None)
+        """Runs a QMP command; raises QmpRefused if the answer is an error."""
+        reply = self.reply(command, **arguments)
         if "error" in reply:
             raise QmpRefused(command, reply["error"])
         return reply.get("return")
@@ -210,6 +182,66 @@ class QemuProcess:
             fields = event.get("data", {})
             if event["event"] == name and all(fields.get(k) == v for k, v in data.items()):
                 return dict(event)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.qmp.close()
+
+
+def qemu_argv(socket: Path, *extra: str) -> list[str]:
+    """qemu-system-x86_64 with no guest running: the pc machine gives device_add a PCI bus, -S
+    keeps the CPU stopped."""
+    return [
+        "qemu-system-x86_64",
+        "-M",
+        "pc",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-accel",
+        "tcg",
+        "-qmp",
+        f"unix:{socket},server=on,wait=off",
+        *extra,
+    ]
+
+
+class QemuProcess:
+    """One QEMU process with a QMP socket; stopped with quit, or killed on any failure."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.socket = directory / f"qmp-{os.getpid()}-{next(_instance_ids)}.sock"
+        self.socket.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            qemu_argv(self.socket, *extra),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._ids = itertools.count(1)
+        try:
+            self.monitor = Monitor(self.socket, lambda: self.process.poll() is None)
+        except BaseException:
+            err = b""
+            if self.process.poll() is not None and self.process.stderr is not None:
+                err = self.process.stderr.read()
+            self.kill()
+            if err:
+                raise RuntimeError(f"QEMU did not start: {err.decode(errors='replace')}") from None
+            raise
+        self.qmp = self.monitor.qmp
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    def command(self, command: str, **arguments: Any) -> Any:
+        """Runs a QMP command; raises QmpRefused if QEMU answers with an error."""
+        return self.monitor.command(command, **arguments)
+
+    def wait_event(self, name: str, timeout: float = 30.0, **data: Any) -> dict[str, Any]:
+        """The next event called name whose data has the given fields."""
+        return self.monitor.wait_event(name, timeout, **data)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -241,7 +273,7 @@ def qemu(directory: Path, *extra: str) -> Iterator[QemuProcess]:
 
 
 def add_qcow2(
-    vm: QemuProcess,
+    vm: QemuProcess | Monitor,
     node: str,
     path: Path,
     *,
@@ -264,8 +296,10 @@ def add_qcow2(
     )
 
 
-def open_chain(vm: QemuProcess, chain: Chain, *, read_only: bool = False) -> None:
+def open_chain(
+    vm: QemuProcess | Monitor, chain: Chain, *, read_only: bool = False, locking: str = "auto"
+) -> None:
     """The chain as node names base, mid, top; top read-write unless read_only."""
-    add_qcow2(vm, "base", chain.base, backing=None, read_only=True)
-    add_qcow2(vm, "mid", chain.mid, backing="base", read_only=True)
-    add_qcow2(vm, "top", chain.top, backing="mid", read_only=read_only)
+    add_qcow2(vm, "base", chain.base, backing=None, read_only=True, locking=locking)
+    add_qcow2(vm, "mid", chain.mid, backing="base", read_only=True, locking=locking)
+    add_qcow2(vm, "top", chain.top, backing="mid", read_only=read_only, locking=locking)

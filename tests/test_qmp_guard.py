@@ -201,6 +201,7 @@ def test_commit_on_a_refuses_stream_on_b(
         assert (commit["owner"], commit["operation"]) == ("host-a", "block-commit active")
 
         desc = host_b.refused("block-stream", device="top", **{"job-id": "stream"})
+        print("\nB's block-stream:", desc)
         assert desc.startswith("NAC refused block-stream on "), desc
         assert f"job {commit['id']} (block-commit active by host-a)" in desc
         assert re.search(r"(requires|does not allow) [A-Z_]+$", desc), desc

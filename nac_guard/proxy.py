@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,11 +143,13 @@ class QmpGuard:
 
     async def _process_group(self) -> str:
         """The QEMU process's group: its UUID when it has one, else a fresh one."""
-        reply = await self.qemu.execute("query-uuid")
+        try:
+            reply = await self.qemu.execute("query-uuid")
+        except ExecuteError:
+            # qemu-storage-daemon has no machine, and no UUID.
+            reply = {}
         uuid_text = str(reply.get("UUID", "")) if isinstance(reply, dict) else ""
         if not uuid_text or set(uuid_text) <= {"0", "-"}:
-            import uuid
-
             uuid_text = str(uuid.uuid4())
         return f"qemu:{self.config.owner}:{uuid_text}"
 

@@ -92,14 +92,27 @@ def guarded(
     *qemu_extra: str,
     ttl: str = "15s",
     replica: int = 0,
+    storage_daemon: bool = False,
 ) -> Iterator[Guarded]:
     host = cluster.host(host_name)
     qemu_socket = directory / f"qemu-{host_name}.sock"
     guard_socket = directory / f"guard-{host_name}.sock"
     log = directory / f"guard-{host_name}.log"
+    argv = (
+        [
+            "qemu-storage-daemon",
+            "--chardev",
+            f"socket,path={qemu_socket},server=on,wait=off,id=qmp",
+            "--monitor",
+            "chardev=qmp",
+            *qemu_extra,
+        ]
+        if storage_daemon
+        else qemu_argv(qemu_socket, *qemu_extra)
+    )
     with log.open("ab") as output:
         vm = host.popen(
-            qemu_argv(qemu_socket, *qemu_extra),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
@@ -396,3 +409,44 @@ def test_partitioned_host_fences_its_job_and_the_other_host_waits_out_the_lock_d
         assert all("by host-a" in desc for desc in refusals), refusals
         print(f"B granted {granted_after:.1f} s after A's guard fenced its job")
         host_b.monitor.wait_event("BLOCK_JOB_COMPLETED", device="s", timeout=60)
+
+
+def test_storage_daemon_exports_only_what_the_writers_allow(
+    cluster: SimulatedCluster, shared: Chain, namespace: str
+) -> None:
+    """A guard in front of qemu-storage-daemon: a writable NBD export of an image a guest on
+    another host writes without share-rw is refused; a read-only one is granted, and its job
+    ends with the export."""
+    with (
+        guarded(cluster, "a", shared.directory, namespace) as host_a,
+        guarded(cluster, "c", shared.directory, namespace, storage_daemon=True) as daemon,
+    ):
+        for guard in (host_a, daemon):
+            guard.monitor.command(
+                "blockdev-add",
+                driver="raw",
+                **{"node-name": "disk"},
+                file={"driver": "file", "filename": str(shared.raw)},
+            )
+        host_a.monitor.command("device_add", driver="virtio-blk-pci", drive="disk", id="vd0")
+        socket = shared.directory / "nbd.sock"
+        daemon.monitor.command(
+            "nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}}
+        )
+        desc = daemon.refused(
+            "block-export-add", type="nbd", id="rw", writable=True, **{"node-name": "disk"}
+        )
+        assert desc.startswith(f"NAC refused block-export-add nbd writable on {shared.raw}: ")
+        assert "(device_add read-write by host-a)" in desc
+        daemon.monitor.command("block-export-add", type="nbd", id="ro", **{"node-name": "disk"})
+        operations = sorted(j["operation"] for j in nac_jobs(cluster, namespace))
+        assert operations == [
+            "block-export-add nbd read-only",
+            "blockdev-add raw",
+            "blockdev-add raw",
+            "device_add read-write",
+        ]
+        daemon.monitor.command("block-export-del", id="ro")
+        daemon.monitor.wait_event("BLOCK_EXPORT_DELETED", id="ro")
+        operations = sorted(j["operation"] for j in wait_for_jobs(cluster, namespace, 3))
+        assert operations == ["blockdev-add raw", "blockdev-add raw", "device_add read-write"]

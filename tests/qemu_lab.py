@@ -183,6 +183,22 @@ class Monitor:
             if event["event"] == name and all(fields.get(k) == v for k, v in data.items()):
                 return dict(event)
 
+    def collect_events(
+        self, wanted: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """Every event, in order, until wanted(events so far) holds: for events whose order
+        between themselves is not fixed."""
+        deadline = time.monotonic() + timeout
+        events: list[dict[str, Any]] = []
+        while not wanted(events):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"events so far: {[e['event'] for e in events]}")
+            event = self.qmp.pull_event(wait=left)
+            if event is not None:
+                events.append(dict(event))
+        return events
+
     def close(self) -> None:
         with suppress(Exception):
             self.qmp.close()

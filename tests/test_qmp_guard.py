@@ -374,20 +374,44 @@ def suppress_quit(vm: QemuProcess) -> Iterator[QemuProcess]:
 def test_partitioned_host_fences_its_job_and_the_other_host_waits_out_the_lock_delay(
     cluster: SimulatedCluster, shared: Chain, namespace: str
 ) -> None:
-    """Host A loses NAC (its link goes down): its lease runs out, its guard cancels the QEMU
-    job and emits NAC_LEASE_LOST, and host B's job is granted only after the lock-delay."""
+    """Host A loses NAC (its link goes down): its leases run out, its guard cancels the QEMU
+    job and stops the running guest, emitting NAC_LEASE_LOST for each, and host B's job is
+    granted only after the lock-delay."""
     directory = shared.directory
     with (
         guarded(cluster, "a", directory, namespace, ttl="3s") as host_a,
         guarded(cluster, "b", directory, namespace, *chain_on_command_line(shared)) as host_b,
     ):
         open_chain(host_a.monitor, shared)
+        host_a.monitor.command(
+            "blockdev-add",
+            driver="raw",
+            **{"node-name": "disk"},
+            file={"driver": "file", "filename": str(shared.raw)},
+        )
+        host_a.monitor.command("device_add", driver="virtio-blk-pci", drive="disk", id="vd0")
+        # The guest runs (its firmware finds nothing to boot and waits).
+        host_a.monitor.command("cont")
+        assert host_a.monitor.command("query-status")["status"] == "running"
         host_a.monitor.command("block-commit", device="top", speed=CRAWL, **{"job-id": "commit"})
         cluster.partition("a")
         try:
-            lost = host_a.monitor.wait_event("NAC_LEASE_LOST", timeout=60, key="job:commit")
+
+            def fenced(events: list[dict[str, Any]]) -> bool:
+                data = [(e["event"], e.get("data", {})) for e in events]
+                seen = {(name, d.get("key", d.get("device"))) for name, d in data}
+                return {
+                    ("NAC_LEASE_LOST", "device:vd0"),
+                    ("NAC_LEASE_LOST", "job:commit"),
+                    ("BLOCK_JOB_CANCELLED", "commit"),
+                } <= seen
+
+            events = host_a.monitor.collect_events(fenced, timeout=60)
             cancelled_at = time.monotonic()
-            host_a.monitor.wait_event("BLOCK_JOB_CANCELLED", device="commit")
+            by_key = {e["data"]["key"]: e for e in events if e["event"] == "NAC_LEASE_LOST"}
+            assert by_key["device:vd0"]["data"]["actions"] == ["stop"]
+            assert host_a.monitor.command("query-status")["status"] == "paused"
+            lost = by_key["job:commit"]
             assert lost["data"]["actions"] == ["block-job-cancel"]
             assert lost["data"]["operation"] == "block-commit active"
             assert str(shared.top) in lost["data"]["nodes"]

@@ -550,6 +550,11 @@ def _print_event(settings: Settings, event: Event) -> None:
 )
 @click.option("--job-id", help="The job's id. [default: a fresh uuid]")
 @click.option(
+    "--group",
+    default="",
+    help="The job's group: jobs of one group never conflict with each other. [default: none]",
+)
+@click.option(
     "--grace",
     type=click.FloatRange(min=0),
     default=5.0,
@@ -568,6 +573,7 @@ def acquire(
     ttl: float | None,
     wait: float,
     job_id: str | None,
+    group: str,
     grace: float,
     command: tuple[str, ...],
 ) -> int:
@@ -591,7 +597,9 @@ def acquire(
     name = operation or os.path.basename(command[0])
     outcome: Outcome | None = None
     with settings.client() as client:
-        hold = client.hold(accesses, operation=name, job_id=job_id, ttl=ttl, wait=wait or None)
+        hold = client.hold(
+            accesses, operation=name, job_id=job_id, ttl=ttl, wait=wait or None, group=group
+        )
         try:
             with hold:
                 env = {

@@ -408,6 +408,17 @@ def test_acquire_refused_exits_3_and_explains_on_stderr(cli: Nacctl, host_a: Cli
     ) in result.stderr
 
 
+def test_acquire_in_the_holders_group_runs_beside_it(cli: Nacctl, host_a: Client) -> None:
+    """--group puts the job in a group: the group's own holder does not keep it out."""
+    nodes = [NodeAccess(NODE, [Action.READ_VISIBLE_DATA], [Action.READ_VISIBLE_DATA])]
+    held = host_a.acquire(nodes, operation="backup", group="qemu-1")
+    access = ("--node", NODE, "--require", "write")
+    assert cli("acquire", *access, "--group", "qemu-2", "--", "true").returncode == 3
+    result = cli("acquire", *access, "--group", "qemu-1", "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert [job["job_id"] for job in cli.json("jobs")["jobs"]] == [held.job_id]
+
+
 def test_acquire_of_a_missing_command_exits_127_and_releases(cli: Nacctl) -> None:
     result = cli("acquire", "--node", NODE, "--require", "read", "--", "no-such-command-here")
     assert result.returncode == 127

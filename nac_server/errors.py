@@ -123,3 +123,25 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.BusyLoadingError: grpc.StatusCode.UNAVAILABLE,
 }
+
+# Answers of a Redis that is there but cannot take the call now: out of memory, a replica after
+# a failover, a primary without its replicas, a script running too long. Retrying elsewhere or
+# later is right, so they are UNAVAILABLE like a lost connection.
+_PASSING_STORE_ERRORS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+_PASSING_STORE_PREFIXES = ("BUSY", "MASTERDOWN", "NOREPLICAS", "LOADING", "CLUSTERDOWN")
+
+
+def store_unavailable(error: BaseException) -> bool:
+    """Whether error says the store cannot serve now (UNAVAILABLE), rather than a fault."""
+    if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    if isinstance(error, _PASSING_STORE_ERRORS):
+        return True
+    return isinstance(error, redis.exceptions.ResponseError) and str(error).startswith(
+        _PASSING_STORE_PREFIXES
+    )

@@ -7,8 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.exceptions
-
+from nac_server.errors import store_unavailable
 from nac_server.model import Outcome
 from nac_server.store import Store
 
@@ -16,6 +15,8 @@ log = logging.getLogger("nac.expiry")
 
 # Wake a little after a deadline so that the store's clock has passed it too.
 _LATE_MS = 5
+# The longest pause between sweeps while the store keeps failing.
+_MAX_BACKOFF_S = 5.0
 
 
 class Sweeper:
@@ -67,14 +68,25 @@ class Sweeper:
         return pause
 
     async def run(self) -> None:
+        failures = 0
         while True:
             try:
                 pause = await self.sweep_once()
                 await self._on_health(True)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-                log.warning("expiry sweep failed: %s", error)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # Whatever the store answered, expiry must go on once it can: this replica says
+                # NOT_SERVING meanwhile, and tries again after a pause that grows to 5 s.
+                failures += 1
+                if store_unavailable(error):
+                    log.warning("expiry sweep failed: %s", error)
+                else:
+                    log.exception("expiry sweep failed", exc_info=error)
                 await self._on_health(False)
-                pause = self._interval_s
+                pause = min(self._interval_s * failures, _MAX_BACKOFF_S)
+            else:
+                failures = 0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)

@@ -17,7 +17,13 @@ from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_proto.nac.v1 import nac_pb2_grpc
 from nac_server.arbiter import Arbiter
 from nac_server.auth import OperatorCheck
-from nac_server.errors import ERROR_DOMAIN, STATUS_OF, InvalidArgument, NacError
+from nac_server.errors import (
+    ERROR_DOMAIN,
+    STATUS_OF,
+    InvalidArgument,
+    NacError,
+    store_unavailable,
+)
 from nac_server.reads import Reads
 
 log = logging.getLogger("nac.rpc")
@@ -80,6 +86,8 @@ Reply = TypeVar("Reply")
 def status_for(error: Exception) -> grpc.Status | None:
     """The wire status for an error the table knows, with an ErrorInfo naming its subject."""
     code = next((c for kind, c in STATUS_OF.items() if isinstance(error, kind)), None)
+    if code is None and store_unavailable(error):
+        code = grpc.StatusCode.UNAVAILABLE
     if code is None:
         return None
     info = error_details_pb2.ErrorInfo(domain=ERROR_DOMAIN)

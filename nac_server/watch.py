@@ -15,11 +15,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import redis.exceptions
-
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert
-from nac_server.errors import ShuttingDown, WatcherTooSlow
+from nac_server.errors import ShuttingDown, WatcherTooSlow, store_unavailable
 from nac_server.event_log import EventLog
 from nac_server.history import Position, follows
 from nac_server.records import StoredEvent
@@ -104,8 +102,15 @@ class EventHub:
                     after = Position(last_notice.revision)
                     feed.ready.set()
                 events = await self._log.wait_events(namespace, after, last_notice, _READ_BLOCK_MS)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-                log.warning("event feed for %s: %s; retrying", namespace, error)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # A feed that died would be reused by every later watcher, silent: it retries
+                # whatever the store answered.
+                if store_unavailable(error):
+                    log.warning("event feed for %s: %s; retrying", namespace, error)
+                else:
+                    log.exception("event feed for %s failed; retrying", namespace, exc_info=error)
                 await asyncio.sleep(0.5)
                 continue
             for event in events:

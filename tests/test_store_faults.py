@@ -1,0 +1,176 @@
+"""A Redis that is there but cannot serve: out of memory, busy with a script, turned into a
+replica. Calls answer UNAVAILABLE (which clients retry), never INTERNAL; the expiry sweep lives
+through it, the replica says NOT_SERVING meanwhile, and expiry resumes once Redis can serve.
+
+Each test has a Redis and a server of its own: the faults are made by reconfiguring Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nac_client import Action, Client, NodeAccess
+from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
+from nac_server.embedded import RedisProcess
+from nac_server.errors import store_unavailable
+from tests.servers import ServerProcess
+
+NODE = "/vol/faults.qcow2"
+W, R = Action.MODIFY_VISIBLE_DATA, Action.READ_VISIBLE_DATA
+
+
+@pytest.fixture
+def store() -> Iterator[RedisProcess]:
+    with RedisProcess() as process:
+        yield process
+
+
+@pytest.fixture
+def server(store: RedisProcess) -> Iterator[ServerProcess]:
+    with ServerProcess(store.url, "--sweep-interval", "0.2", "--lock-delay", "0") as started:
+        yield started
+
+
+@pytest.fixture
+def admin(store: RedisProcess) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(store.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.05)
+
+
+def health(server: ServerProcess) -> int:
+    with grpc.insecure_channel(server.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        return int(reply.status)
+
+
+def raw_acquire(server: ServerProcess, job_id: str) -> grpc.RpcError:
+    """One Acquire with no client retries; the error it must end in."""
+    request = nac_pb2.AcquireRequest(
+        namespace="faults",
+        job_id=job_id,
+        owner="host-a",
+        operation="probe",
+        nodes=[nac_pb2.NodeAccess(node="/vol/other.qcow2", require=[nac_pb2.READ_VISIBLE_DATA])],
+    )
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as failed:
+        nac_pb2_grpc.NodeAccessControlStub(channel).Acquire(request, timeout=10)
+    return failed.value
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_out_of_memory_is_unavailable_and_expiry_resumes(
+    server: ServerProcess, admin: redis.Redis
+) -> None:
+    with Client(server.target, namespace="faults", owner="host-a") as client:
+        short = client.acquire([NodeAccess(NODE, [W], [R])], operation="commit", ttl=1.0)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        try:
+            failed = raw_acquire(server, "j-oom")
+            assert failed.code() is grpc.StatusCode.UNAVAILABLE, failed.details()
+            assert "maxmemory" in (failed.details() or "")
+            # The sweep cannot run: this replica says so instead of serving without expiry.
+            eventually(lambda: health(server) == NOT_SERVING)
+        finally:
+            admin.config_set("maxmemory", "0")
+        eventually(lambda: health(server) == SERVING)
+        # The sweep survived: the job whose lease ran out during the fault expires.
+        eventually(lambda: [j.job_id for j in client.list_jobs()] == [])
+        assert short.job_id not in {j.job_id for j in client.list_jobs()}
+
+
+def test_a_busy_script_is_unavailable(
+    server: ServerProcess, store: RedisProcess, admin: redis.Redis
+) -> None:
+    admin.config_set("busy-reply-threshold", "100")
+    blocker = redis.Redis(port=store.port)
+    ended: list[BaseException] = []
+
+    def loop_forever() -> None:
+        try:
+            blocker.eval("while true do end", 0)
+        except redis.RedisError as stopped:
+            ended.append(stopped)
+
+    thread = threading.Thread(target=loop_forever, daemon=True)
+    thread.start()
+    probe = redis.Redis(port=store.port)
+
+    def busy() -> bool:
+        try:
+            probe.ping()
+        except redis.ResponseError as error:
+            return str(error).startswith("BUSY")
+        return False
+
+    try:
+        eventually(busy)
+        failed = raw_acquire(server, "j-busy")
+        assert failed.code() is grpc.StatusCode.UNAVAILABLE, failed.details()
+        assert "BUSY" in (failed.details() or "")
+    finally:
+        eventually(lambda: _kill_script(probe))
+        thread.join(timeout=30)
+    assert ended, "the looping script was not stopped"
+    eventually(lambda: health(server) == SERVING)
+
+
+def _kill_script(probe: redis.Redis) -> bool:
+    try:
+        probe.script_kill()
+    except redis.ResponseError as error:
+        # NOTBUSY: it has stopped already.
+        return str(error).startswith("NOTBUSY")
+    return True
+
+
+def test_a_read_only_replica_is_unavailable(server: ServerProcess, admin: redis.Redis) -> None:
+    # A replica of a primary that does not exist keeps its data and refuses every write, as a
+    # demoted primary does after a failover.
+    admin.replicaof("127.0.0.1", "1")
+    try:
+        failed = raw_acquire(server, "j-readonly")
+        assert failed.code() is grpc.StatusCode.UNAVAILABLE, failed.details()
+        assert "read only replica" in (failed.details() or "")
+    finally:
+        admin.replicaof("NO", "ONE")
+    with Client(server.target, namespace="faults", owner="host-a") as client:
+        client.acquire([NodeAccess(NODE, [R], [R])], operation="after")
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (redis.ConnectionError("gone"), True),
+        (redis.TimeoutError("slow"), True),
+        (redis.exceptions.OutOfMemoryError("command not allowed"), True),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        (redis.exceptions.MasterDownError("Link with MASTER is down"), True),
+        (redis.ResponseError("BUSY Redis is busy running a script."), True),
+        (redis.ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
+        (redis.ResponseError("ERR Error running script"), False),
+        (ValueError("not the store"), False),
+    ],
+)
+def test_which_store_errors_are_unavailable(error: Exception, unavailable: bool) -> None:
+    assert store_unavailable(error) is unavailable

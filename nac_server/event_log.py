@@ -53,7 +53,15 @@ class EventLog:
             changes, notices, revision = await pipe.execute()
         found = _decoded(changes)
         wanted = after.revision + 1
-        if (found and found[0].revision != wanted) or (not found and wanted <= int(revision or 0)):
+        # Revisions start from the store's clock (see _lib.lua), so "after 0" asks for the
+        # history from its first event; any other position for its own next revision.
+        if after.revision == 0:
+            missing = bool(found) and not found[0].first
+        else:
+            missing = (found and found[0].revision != wanted) or (
+                not found and wanted <= int(revision or 0)
+            )
+        if missing:
             oldest = found[0].revision if found else int(revision or 0) + 1
             raise Compacted(
                 f"revision {wanted} is older than the oldest kept event ({oldest}); "

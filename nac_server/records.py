@@ -47,6 +47,8 @@ class StoredEvent:
     # For UPDATED: the nodes the job held before and no longer holds.
     dropped_nodes: tuple[str, ...] = ()
     notice: int = 0
+    # The first event since the namespace's revisions started (new, or after a lost store).
+    first: bool = False
 
     @property
     def position(self) -> Position:
@@ -175,4 +177,5 @@ def decode_entry(entry_id: str, fields: dict[str, str]) -> StoredEvent:
         reason=fields.get("reason", ""),
         actor=fields.get("actor", ""),
         dropped_nodes=tuple(json.loads(fields["dropped"])) if "dropped" in fields else (),
+        first="first" in fields,
     )

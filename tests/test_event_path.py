@@ -107,11 +107,12 @@ async def test_a_refusal_takes_no_revision_and_its_notice_follows_the_last_chang
     assert await store.log.revision(NS) == granted.revision
     assert await redis.xlen(Keys(NS).events) == 1
     events = await store.log.events(NS, Position(0), 100)
+    first = granted.revision
     assert [(e.type, e.position) for e in events] == [
-        ("ACQUIRED", Position(1)),
-        ("CONTENDED", Position(1, 1)),
-        ("CONTENDED", Position(1, 2)),
-        ("CONTENDED", Position(1, 3)),
+        ("ACQUIRED", Position(first)),
+        ("CONTENDED", Position(first, 1)),
+        ("CONTENDED", Position(first, 2)),
+        ("CONTENDED", Position(first, 3)),
     ]
     notice = events[1]
     assert notice.job.job_id == "holder" and notice.job.owner == "host-a"
@@ -120,9 +121,9 @@ async def test_a_refusal_takes_no_revision_and_its_notice_follows_the_last_chang
     assert [c.node for c in notice.contention.conflicts] == ["/a", "/a"]
     assert notice.nodes == frozenset({"/a"})
     # A later change comes after them; a position read now follows on from the last notice.
-    assert await store.log.position(NS) == Position(1, 3)
+    assert await store.log.position(NS) == Position(first, 3)
     await release(store, NS, "holder", "host-a")
-    assert await store.log.position(NS) == Position(2)
+    assert await store.log.position(NS) == Position(first + 1)
 
 
 async def test_fresh_job_ids_do_not_get_round_the_rate_limit(store: Store, redis: Redis) -> None:
@@ -144,11 +145,12 @@ async def test_a_refusal_notifies_a_bounded_number_of_holders_with_bounded_confl
     for i in range(20):
         held = await acquire(store, NS, f"r{i}", f"host-{i}", "backup", readers, TTL_MS)
         assert held.outcome is Outcome.GRANTED
+    last = held.revision
     writer = [NodeAccess(name, ALL_MASK, 0) for name in nodes]
     refused = await acquire(store, NS, "w", "host-w", "commit", writer, TTL_MS)
     assert refused.outcome is Outcome.REFUSED
     assert len({c.holder_job_id for c in refused.conflicts}) == 20
-    notices = [e for e in await store.log.events(NS, Position(20), 100) if e.notice]
+    notices = [e for e in await store.log.events(NS, Position(last), 100) if e.notice]
     assert len(notices) == 8
     for notice in notices:
         assert notice.contention is not None
@@ -158,13 +160,20 @@ async def test_a_refusal_notifies_a_bounded_number_of_holders_with_bounded_confl
 
 async def test_the_history_is_capped_in_changes_and_in_bytes(redis: Redis) -> None:
     capped = Store(redis, history=5, history_bytes=10**9)
+    revisions = []
     for i in range(12):
-        await acquire(capped, NS, f"j{i}", "host-a", "op", [NodeAccess(f"/n{i}", 0, 0)], TTL_MS)
+        granted = await acquire(
+            capped, NS, f"j{i}", "host-a", "op", [NodeAccess(f"/n{i}", 0, 0)], TTL_MS
+        )
+        revisions.append(granted.revision)
     assert await redis.xlen(Keys(NS).events) == 5
-    kept = await capped.log.events(NS, Position(7), 100)
-    assert [e.revision for e in kept] == [8, 9, 10, 11, 12]
+    kept = await capped.log.events(NS, Position(revisions[6]), 100)
+    assert [e.revision for e in kept] == revisions[7:]
     with pytest.raises(Compacted):
-        await capped.log.events(NS, Position(6), 100)
+        await capped.log.events(NS, Position(revisions[5]), 100)
+    # From the start: the first event is gone.
+    with pytest.raises(Compacted):
+        await capped.log.events(NS, Position(0), 100)
     # Large records: a byte cap keeps fewer of them, and the count of bytes stays exact.
     big = Store(redis, history=1_000, history_bytes=20_000)
     name = "/" + "x" * 1000
@@ -182,10 +191,12 @@ async def test_the_history_is_capped_in_changes_and_in_bytes(redis: Redis) -> No
 
 
 async def test_an_update_that_drops_a_node_names_it(store: Store) -> None:
-    await acquire(store, NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS)
+    granted = await acquire(
+        store, NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS
+    )
     updated = await update(store, NS, "m", "host-a", exclusive("/y"))
     assert updated.outcome is Outcome.UPDATED
-    event = (await store.log.events(NS, Position(1), 10))[0]
+    event = (await store.log.events(NS, Position(granted.revision), 10))[0]
     assert event.type == "UPDATED"
     assert event.dropped_nodes == ("/x",)
     assert event.concerns(frozenset({"/x"}), frozenset())

@@ -112,7 +112,7 @@ async def test_mirror_widens_to_graph_reconfig_when_nobody_forbids_it(
     mirror = await first.Acquire(
         acquire_request(namespace, "mirror", "host-a", access("/src", [R], [R, W]))
     )
-    watch = second.Watch(pb.WatchRequest(namespace=namespace, start_revision=2))
+    watch = second.Watch(pb.WatchRequest(namespace=namespace, start_revision=mirror.revision + 1))
     updated = await second.Update(
         pb.UpdateRequest(
             namespace=namespace,
@@ -489,7 +489,9 @@ async def test_holder_hears_of_contention_at_most_once_a_second_per_waiter(
     stubs: tuple[Stub, Stub], namespace: str
 ) -> None:
     first, second = stubs
-    await first.Acquire(acquire_request(namespace, "backup", "host-a", access("/a", [R], [R])))
+    granted = await first.Acquire(
+        acquire_request(namespace, "backup", "host-a", access("/a", [R], [R]))
+    )
     watch = first.Watch(pb.WatchRequest(namespace=namespace, job_ids=["backup"]))
     await watch.initial_metadata()
     burst_began = time.monotonic()
@@ -502,18 +504,18 @@ async def test_holder_hears_of_contention_at_most_once_a_second_per_waiter(
     # More than a second after every refusal of the burst, so this one is heard again.
     await asyncio.sleep(1.1)
     await second.Acquire(acquire_request(namespace, "writer", "host-b", access("/a", [W], [R])))
-    # Notices take no revision: they all follow the grant (1); the release ends the history.
+    # Notices take no revision: they all follow the grant; the release ends the history.
     released = await first.Release(
         pb.ReleaseRequest(namespace=namespace, job_id="backup", owner="host-a")
     )
     history = [e async for e in _history(first, namespace, released.revision)]
     contended = [e for e in history if e.type == pb.WatchEvent.CONTENDED]
     assert [(e.type, e.revision) for e in history if e.type != pb.WatchEvent.CONTENDED] == [
-        (pb.WatchEvent.ACQUIRED, 1),
-        (pb.WatchEvent.RELEASED, 2),
+        (pb.WatchEvent.ACQUIRED, granted.revision),
+        (pb.WatchEvent.RELEASED, granted.revision + 1),
     ]
     assert [(e.revision, e.notice) for e in contended] == [
-        (1, k) for k in range(1, len(contended) + 1)
+        (granted.revision, k) for k in range(1, len(contended) + 1)
     ]
     # The live watcher hears the same notices as the history keeps, in the same places.
     events = await take(watch, len(contended))

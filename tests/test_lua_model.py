@@ -130,14 +130,15 @@ MUST_REACH = (
 JobKey = tuple[str, str, str, tuple[NodeAccess, ...], int, str]
 
 
-def job_key(job: Job) -> JobKey:
-    """What Redis and the model must agree on; the times belong to Redis's clock alone."""
+def job_key(job: Job, token_floor: int = 0) -> JobKey:
+    """What Redis and the model must agree on; the times belong to Redis's clock alone. Redis's
+    tokens count from a floor taken from its clock (the model's from 0): token_floor."""
     return (
         job.job_id,
         job.owner,
         job.operation,
         tuple(sorted(job.nodes)),
-        job.fencing_token,
+        job.fencing_token - token_floor if job.fencing_token else 0,
         job.group,
     )
 
@@ -164,6 +165,9 @@ class LuaModelMachine(RuleBasedStateMachine):
         # The Lua keeps a lost job's id taken until its delay ends (see the model's State).
         self.state = State(lock_delay_ms=MODEL_LOCK_DELAY_MS)
         self.keys = Keys(NS)
+        # Where Redis's revisions and tokens start (from its clock), learnt from the first seen.
+        self.revision_floor: int | None = None
+        self.token_floor: int | None = None
         self.registered = False
         # Every stored change so far, as (revision, type), and the last notice read.
         self.stored_events: list[tuple[int, str]] = []
@@ -199,15 +203,32 @@ class LuaModelMachine(RuleBasedStateMachine):
         new = self.run(self.store.log.events(NS, Position(seen), 100_000))
         changes = [e for e in new if not e.notice]
         self.stored_events += [(e.revision, e.type) for e in changes]
-        assert [e.revision for e in changes] == list(range(seen + 1, seen + 1 + len(changes)))
+        if changes and not seen:
+            assert changes[0].first, "the oldest event must be the history's first"
+        start = seen + 1 if seen else (changes[0].revision if changes else 1)
+        assert [e.revision for e in changes] == list(range(start, start + len(changes)))
         notices = [e for e in new if e.notice and e.position > self.last_notice]
         if notices:
             self.last_notice = notices[-1].position
         return changes + notices
 
     def modelled_revision(self, revision: int) -> int:
-        """The model's revision for a store revision: notices take none, so the same."""
-        return revision
+        """The model's revision for a store revision. Redis's count from a floor taken from its
+        clock when the namespace's first event was written, the model's from 0; notices take
+        none."""
+        if revision == 0:
+            return 0
+        if self.revision_floor is None:
+            [first] = self.run(self.store.log.events(NS, Position(0), 1))
+            assert first.first, "the oldest event must be the history's first"
+            self.revision_floor = first.revision - 1
+        return revision - self.revision_floor
+
+    def key(self, job: Job) -> JobKey:
+        """job_key of a job read from Redis."""
+        if job.fencing_token and self.token_floor is None:
+            raise AssertionError("a token was read before any grant was checked")
+        return job_key(job, self.token_floor or 0)
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -225,7 +246,10 @@ class LuaModelMachine(RuleBasedStateMachine):
         assert (stored.delay_end_ms > 0) == (expected.delay_end_ms > 0), (stored, expected)
         assert (stored.job is None) == (expected.job is None), (stored, expected)
         if stored.job is not None and expected.job is not None:
-            assert job_key(stored.job) == job_key(expected.job), (stored, expected)
+            if self.token_floor is None and stored.job.fencing_token:
+                # The first grant: the model's tokens start at 1.
+                self.token_floor = stored.job.fencing_token - expected.job.fencing_token
+            assert self.key(stored.job) == job_key(expected.job), (stored, expected)
         kinds = {conflict.kind for conflict in expected.conflicts}
         for kind in (ConflictKind.LOCK_DELAY, ConflictKind.WAITING_AHEAD):
             if kind in kinds:
@@ -329,7 +353,7 @@ class LuaModelMachine(RuleBasedStateMachine):
         assert (due.jobs, due.waiters) == ((), ())
         assert [job.job_id for job in due.delays] == [job_id]
         for lost in due.delays:
-            assert job_key(lost) == job_key(self.state.delays[job_id][0])
+            assert self.key(lost) == job_key(self.state.delays[job_id][0])
             started = self.store_time_ms()
             ended = self.run(self.store.end_delay(NS, lost))
             assert ended
@@ -673,10 +697,10 @@ class LuaModelMachine(RuleBasedStateMachine):
     def jobs_and_waiters_match(self) -> None:
         revision, jobs, waiters = self.run(self.store.snapshot(NS))
         assert self.modelled_revision(revision) == self.state.revision
-        assert [job_key(job) for job in jobs] == [
+        assert [self.key(job) for job in jobs] == [
             job_key(self.state.jobs[job_id]) for job_id in sorted(self.state.jobs)
         ]
-        assert [(job_key(w.job), w.seq) for w in waiters] == [
+        assert [(self.key(w.job), w.seq) for w in waiters] == [
             (job_key(w.job), w.seq) for w in self.state.waiters
         ]
         # Plain ZRANGE without scores: a list of members, whatever the union type says.
@@ -694,13 +718,13 @@ class LuaModelMachine(RuleBasedStateMachine):
             view = self.run(self.store.node(NS, name))
             assert self.modelled_revision(view.revision) == self.state.revision
             assert view.tallies == self.state.tallies(name), name
-            assert [job_key(job) for job in view.holders] == sorted(
+            assert [self.key(job) for job in view.holders] == sorted(
                 job_key(job) for job in jobs if job.access_to(name) is not None
             )
             assert [w.job.job_id for w in view.waiters] == [
                 w.job.job_id for w in self.state.queue(name)
             ], name
-            assert sorted(job_key(delay.job) for delay in view.delays) == sorted(
+            assert sorted(self.key(delay.job) for delay in view.delays) == sorted(
                 job_key(lost)
                 for lost, _ in self.state.delays.values()
                 if lost.access_to(name) is not None
@@ -727,7 +751,9 @@ class LuaModelMachine(RuleBasedStateMachine):
             e for e in self.run(self.store.log.events(NS, Position(0), 100_000)) if not e.notice
         ]
         assert [(e.revision, e.type) for e in events] == self.stored_events
-        assert [e.revision for e in events] == list(range(1, len(events) + 1))
+        assert [self.modelled_revision(e.revision) for e in events] == list(
+            range(1, len(events) + 1)
+        )
         modelled = [
             (self.modelled_revision(e.revision), e.type, e.job.job_id)
             for e in events
@@ -921,7 +947,8 @@ async def test_acquire_recovers_from_script_flush(store: Store, redis: Redis) ->
     second = await store_calls.acquire(store, NS, "j1", "host-b", "backup", node, TTL_MS)
     assert second.outcome is Outcome.GRANTED
     assert second.job is not None
-    assert second.job.fencing_token == 2
+    assert first.job is not None
+    assert second.job.fencing_token == first.job.fencing_token + 1
     assert await redis.script_exists(sha) == [True]
 
 

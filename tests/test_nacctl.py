@@ -301,8 +301,8 @@ def test_explain_says_would_be_granted_or_why_not_one_line_per_conflict(
 
 
 def test_watch_prints_one_line_per_event_and_json_lines(cli: Nacctl, host_a: Client) -> None:
-    start = revision(host_a) + 1
     job = hold_base(host_a)
+    start = revision(host_a)
     host_a.release(job.job_id)
 
     lines = cli("watch", "--from", str(start), "--count", "2")

@@ -195,7 +195,8 @@ async def test_expiry_by_two_replicas_is_reported_once(
                 break
     expired = [e.job.job_id for e in events if e.type == pb.WatchEvent.EXPIRED]
     assert sorted(expired) == sorted(f"j{index}" for index in range(10))
-    assert [e.revision for e in events] == list(range(1, 21))
+    first_revision = events[0].revision
+    assert [e.revision for e in events] == list(range(first_revision, first_revision + 20))
 
 
 async def test_get_node_shows_aggregates_and_holders(
@@ -231,9 +232,8 @@ async def test_redis_down_gives_unavailable_and_recovers(namespace: str, tmp_pat
         with ServerProcess(redis.url, log_path=tmp_path / "log") as server:
             async with grpc.aio.insecure_channel(server.target) as channel:
                 stub = Stub(channel)
-                assert (
-                    await stub.Acquire(request(namespace, "a", "h", access("/a", [W], [])))
-                ).granted
+                before = await stub.Acquire(request(namespace, "a", "h", access("/a", [W], [])))
+                assert before.granted
                 redis.kill()
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await stub.Acquire(request(namespace, "b", "h", access("/b", [W], [])))
@@ -244,10 +244,21 @@ async def test_redis_down_gives_unavailable_and_recovers(namespace: str, tmp_pat
                     request(namespace, "c", "h", access("/c", [W], []), ttl_s=1)
                 )
                 assert reply.granted
+                # The store lost everything, yet neither the token nor the revision goes back.
+                assert reply.job.fencing_token > before.job.fencing_token
+                assert reply.revision > before.revision
+                # A watch resuming after the old revision hears that its history is gone.
+                with pytest.raises(grpc.aio.AioRpcError) as gone:
+                    async with asyncio.timeout(30):
+                        async for _ in stub.Watch(
+                            pb.WatchRequest(namespace=namespace, start_revision=before.revision + 1)
+                        ):
+                            break
+                assert gone.value.code() == grpc.StatusCode.OUT_OF_RANGE
                 # The new Redis lost the namespace registry too; leases must still expire.
                 async with asyncio.timeout(30):
                     async for event in stub.Watch(
-                        pb.WatchRequest(namespace=namespace, start_revision=2)
+                        pb.WatchRequest(namespace=namespace, start_revision=reply.revision + 1)
                     ):
                         assert (event.type, event.job.job_id) == (pb.WatchEvent.EXPIRED, "c")
                         break

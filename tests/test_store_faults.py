@@ -174,3 +174,31 @@ def test_a_read_only_replica_is_unavailable(server: ServerProcess, admin: redis.
 )
 def test_which_store_errors_are_unavailable(error: Exception, unavailable: bool) -> None:
     assert store_unavailable(error) is unavailable
+
+
+def test_a_store_that_lost_its_data_hands_out_no_old_token_and_ends_open_watches(
+    server: ServerProcess, admin: redis.Redis
+) -> None:
+    """Redis loses everything (FLUSHALL, as a restart without its files would): the next grant's
+    token and revision are above every earlier one, and an open watch ends with OUT_OF_RANGE
+    (its history is gone) instead of going silent or replaying a rewound revision."""
+    with (
+        grpc.insecure_channel(server.target) as channel,
+        Client(server.target, namespace="faults", owner="host-a") as client,
+    ):
+        stub = nac_pb2_grpc.NodeAccessControlStub(channel)
+        before = client.acquire([NodeAccess(NODE, [W], [R])], operation="commit")
+        watch = stub.Watch(nac_pb2.WatchRequest(namespace="faults"), timeout=60)
+        # The watch has pinned its start once its headers are sent.
+        watch.initial_metadata()
+        second = client.acquire([NodeAccess("/vol/second.qcow2", [R], [R])], operation="backup")
+        assert next(watch).job.job_id == second.job_id
+        admin.flushall()
+        after = client.acquire([NodeAccess(NODE, [W], [R])], operation="commit")
+        assert after.fencing_token > second.fencing_token > before.fencing_token
+        with pytest.raises(grpc.RpcError) as ended:
+            next(watch)
+        assert ended.value.code() is grpc.StatusCode.OUT_OF_RANGE, ended.value.details()
+        assert "take a snapshot" in (ended.value.details() or "")
+        listed = stub.ListJobs(nac_pb2.ListJobsRequest(namespace="faults"))
+        assert listed.revision > 0 and [j.job_id for j in listed.jobs] == [after.job_id]

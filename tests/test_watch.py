@@ -47,8 +47,12 @@ async def acquire(stub: Stub, namespace: str, job_id: str, *nodes: str) -> pb.Ac
     return reply
 
 
-async def release(stub: Stub, namespace: str, job_id: str) -> None:
-    await stub.Release(pb.ReleaseRequest(namespace=namespace, job_id=job_id, owner="host-a"))
+async def release(stub: Stub, namespace: str, job_id: str) -> int:
+    """The release's revision."""
+    reply: pb.ReleaseResponse = await stub.Release(
+        pb.ReleaseRequest(namespace=namespace, job_id=job_id, owner="host-a")
+    )
+    return reply.revision
 
 
 async def take(call: AsyncIterable[pb.WatchEvent], count: int) -> list[pb.WatchEvent]:
@@ -76,15 +80,15 @@ async def test_events_from_either_replica_arrive_in_revision_order(
     first, second = stubs
     call = second.Watch(pb.WatchRequest(namespace=namespace))
     await call.initial_metadata()  # sent once the watch has pinned its start revision
-    await acquire(first, namespace, "j1", "/a")
+    start = (await acquire(first, namespace, "j1", "/a")).revision
     await acquire(second, namespace, "j2", "/b")
     await release(first, namespace, "j1")
     events = await take(call, 3)
     call.cancel()
     assert [(e.revision, e.type, e.job.job_id) for e in events] == [
-        (1, pb.WatchEvent.ACQUIRED, "j1"),
-        (2, pb.WatchEvent.ACQUIRED, "j2"),
-        (3, pb.WatchEvent.RELEASED, "j1"),
+        (start, pb.WatchEvent.ACQUIRED, "j1"),
+        (start + 1, pb.WatchEvent.ACQUIRED, "j2"),
+        (start + 2, pb.WatchEvent.RELEASED, "j1"),
     ]
     assert events[0].job.fencing_token < events[1].job.fencing_token
 
@@ -94,17 +98,19 @@ async def test_snapshot_then_live(stubs: tuple[Stub, Stub], namespace: str) -> N
     first, second = stubs
     await acquire(first, namespace, "j1", "/a")
     await acquire(first, namespace, "j2", "/b")
-    await release(first, namespace, "j1")
+    current = await release(first, namespace, "j1")
     call = second.Watch(pb.WatchRequest(namespace=namespace, snapshot=True))
     opening = await take(call, 2)
     assert [(e.type, e.revision, e.job.job_id) for e in opening] == [
-        (pb.WatchEvent.SNAPSHOT, 3, "j2"),
-        (pb.WatchEvent.SNAPSHOT_COMPLETE, 3, ""),
+        (pb.WatchEvent.SNAPSHOT, current, "j2"),
+        (pb.WatchEvent.SNAPSHOT_COMPLETE, current, ""),
     ]
     await acquire(first, namespace, "j3", "/c")
     live = await take(call, 1)
     call.cancel()
-    assert [(e.type, e.revision, e.job.job_id) for e in live] == [(pb.WatchEvent.ACQUIRED, 4, "j3")]
+    assert [(e.type, e.revision, e.job.job_id) for e in live] == [
+        (pb.WatchEvent.ACQUIRED, current + 1, "j3")
+    ]
 
 
 async def test_start_revision_replays_history_then_continues(
@@ -112,14 +118,16 @@ async def test_start_revision_replays_history_then_continues(
 ) -> None:
     """Resuming from revision R sends R, R+1, ... with no gap into the live events."""
     first, second = stubs
-    for index in range(5):
-        await acquire(first, namespace, f"j{index}", f"/n{index}")
-    call = second.Watch(pb.WatchRequest(namespace=namespace, start_revision=3))
+    revisions = [
+        (await acquire(first, namespace, f"j{index}", f"/n{index}")).revision for index in range(5)
+    ]
+    call = second.Watch(pb.WatchRequest(namespace=namespace, start_revision=revisions[2]))
     replayed = await take(call, 3)
     await release(first, namespace, "j0")
     live = await take(call, 1)
     call.cancel()
-    assert [e.revision for e in replayed + live] == [3, 4, 5, 6]
+    third = revisions[2]
+    assert [e.revision for e in replayed + live] == [third, third + 1, third + 2, third + 3]
     assert live[0].type == pb.WatchEvent.RELEASED
 
 
@@ -128,12 +136,13 @@ async def test_node_filter(stubs: tuple[Stub, Stub], namespace: str) -> None:
     first, _ = stubs
     call = first.Watch(pb.WatchRequest(namespace=namespace, nodes=["/b"], start_revision=1))
     await acquire(first, namespace, "j1", "/a")
-    await acquire(first, namespace, "j2", "/a", "/b")
+    second = (await acquire(first, namespace, "j2", "/a", "/b")).revision
     await acquire(first, namespace, "j3", "/c")
-    await acquire(first, namespace, "j4", "/b")
+    fourth = (await acquire(first, namespace, "j4", "/b")).revision
     events = await take(call, 2)
     call.cancel()
-    assert [(e.revision, e.job.job_id) for e in events] == [(2, "j2"), (4, "j4")]
+    assert [(e.revision, e.job.job_id) for e in events] == [(second, "j2"), (fourth, "j4")]
+    assert fourth == second + 2
 
 
 async def test_namespaces_are_independent(stubs: tuple[Stub, Stub], namespace: str) -> None:
@@ -141,12 +150,13 @@ async def test_namespaces_are_independent(stubs: tuple[Stub, Stub], namespace: s
     first, _ = stubs
     other = namespace + "-other"
     call = first.Watch(pb.WatchRequest(namespace=other, start_revision=1))
-    await acquire(first, namespace, "j1", "/a")
+    one = await acquire(first, namespace, "j1", "/a")
+    one_more = await acquire(first, namespace, "j2", "/b")
     granted = await acquire(first, other, "j1", "/a")
     events = await take(call, 1)
     call.cancel()
-    assert granted.granted and granted.revision == 1
-    assert [(e.revision, e.job.namespace) for e in events] == [(1, other)]
+    assert granted.granted and one_more.revision == one.revision + 1
+    assert [(e.revision, e.job.namespace) for e in events] == [(granted.revision, other)]
 
 
 async def test_compacted_history_is_out_of_range(
@@ -156,13 +166,22 @@ async def test_compacted_history_is_out_of_range(
     with ServerProcess(e2e_redis.url, "--history", "10", log_path=tmp_path / "log") as server:
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = Stub(channel)
-            for index in range(150):
-                await acquire(stub, namespace, f"j{index}", f"/n{index}")
+            revisions = [
+                (await acquire(stub, namespace, f"j{index}", f"/n{index}")).revision
+                for index in range(150)
+            ]
+            # From the start: its first event has been trimmed.
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await take(stub.Watch(pb.WatchRequest(namespace=namespace, start_revision=1)), 1)
             assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
             oldest = int(error_metadata(caught.value)["oldest_revision"])
-            assert 1 < oldest <= 141
+            assert revisions[0] < oldest <= revisions[140]
+            with pytest.raises(grpc.aio.AioRpcError) as trimmed:
+                await take(
+                    stub.Watch(pb.WatchRequest(namespace=namespace, start_revision=revisions[1])),
+                    1,
+                )
+            assert trimmed.value.code() == grpc.StatusCode.OUT_OF_RANGE
             resumed = await take(
                 stub.Watch(pb.WatchRequest(namespace=namespace, start_revision=oldest)), 1
             )
@@ -196,7 +215,8 @@ async def test_slow_watcher_is_ended_without_slowing_others(
                 # A healthy watcher keeps up: it reads each round's events before the next, so
                 # only the stalled one can fall behind, however slowly this process runs.
                 seen += await take(healthy, 2)
-            assert [e.revision for e in seen] == list(range(1, 2 * rounds + 1))
+            base = seen[0].revision - 1
+            assert [e.revision for e in seen] == list(range(base + 1, base + 2 * rounds + 1))
             received: list[int] = []
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async with asyncio.timeout(60):
@@ -204,12 +224,12 @@ async def test_slow_watcher_is_ended_without_slowing_others(
                         received.append(event.revision)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             resume = int(error_metadata(caught.value)["resume_revision"])
-            assert received == list(range(1, resume))
+            assert received == list(range(base + 1, resume))
             rest = await take(
                 stub.Watch(pb.WatchRequest(namespace=namespace, start_revision=resume)),
-                2 * rounds - resume + 1,
+                base + 2 * rounds - resume + 1,
             )
-            assert [e.revision for e in rest] == list(range(resume, 2 * rounds + 1))
+            assert [e.revision for e in rest] == list(range(resume, base + 2 * rounds + 1))
 
 
 async def test_shutdown_ends_watches_with_a_resume_point(

@@ -10,7 +10,8 @@
 -- Storing allow counts (not refusal counts) keeps old data right when an action is added: nobody
 -- allows it yet.
 -- Job hash (nac:{ns}:jobs): job_id -> JSON record
---   {id, owner, op, nodes = {{name, require, allow}, ...}, token, acq, exp, ttl, group}
+--   {id, owner, op, nodes = {{name, require, allow}, ...}, token (decimal string), acq, exp, ttl,
+--   group}
 -- Waiter hash (nac:{ns}:waiters): job_id -> JSON record
 --   {id, owner, op, nodes, ttl, seq, deadline, exp, blocked = {{owner, job_id}, ...}, group}
 -- (group is "" or absent for a job of no group).
@@ -23,6 +24,26 @@
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- An integer as decimal digits: Lua's own tostring and cjson keep only 14 significant digits.
+local function digits(n)
+  return string.format('%d', n)
+end
+
+-- The next value of a namespace's revision or fencing-token counter. A counter whose key is
+-- missing (a new namespace, or a store that lost its data) starts from the store's clock in
+-- microseconds, so it never goes back: every value handed out before the loss was at most the
+-- clock when its counter started plus the grants since, and a store grants far fewer than one
+-- a microsecond (see the proto's Job.fencing_token). Returns the value and whether the counter
+-- started with it.
+local function next_counter(key)
+  local started = redis.call('EXISTS', key) == 0
+  if started then
+    local t = redis.call('TIME')
+    redis.call('SET', key, digits(tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  return redis.call('INCR', key), started
 end
 
 local function has(mask, i)
@@ -237,12 +258,17 @@ end
 -- one always stays.
 local function emit(keys, limits, event_type, record_json, now, extra)
   local max_events, max_bytes = history_limits(limits)
-  local revision = redis.call('INCR', keys.rev)
+  local revision, started = next_counter(keys.rev)
   local fields = {'type', event_type, 'job', record_json, 't', now}
+  if started then
+    -- The first event of the history: nothing before it was lost to a trim.
+    fields[#fields + 1] = 'first'
+    fields[#fields + 1] = '1'
+  end
   for _, v in ipairs(extra or {}) do
     fields[#fields + 1] = v
   end
-  redis.call('XADD', keys.events, revision .. '-0', unpack(fields))
+  redis.call('XADD', keys.events, digits(revision) .. '-0', unpack(fields))
   local bytes = redis.call('INCRBY', keys.evbytes, entry_size(fields))
   local length = redis.call('XLEN', keys.events)
   while length > 1 and (length > max_events or bytes > max_bytes) do
@@ -362,7 +388,8 @@ local function append_notice(keys, cap, fields)
       seq = tonumber(string.sub(last[1], dash + 1)) + 1
     end
   end
-  redis.call('XADD', keys.notices, 'MAXLEN', '~', cap, revision .. '-' .. seq, unpack(fields))
+  redis.call('XADD', keys.notices, 'MAXLEN', '~', cap, digits(revision) .. '-' .. seq,
+    unpack(fields))
 end
 
 -- Notes that the waiter was kept out by holder_id, at most once per second per holder and

@@ -23,6 +23,17 @@ history, so revisions count those events one by one and Watch can resume without
 changes of state are ACQUIRED, RELEASED, EXPIRED, UPDATED, FORCE_RELEASED, WAITING, WAIT_ENDED
 and LOCK_DELAY_ENDED. CONTENDED is advisory: it takes no revision, is kept apart from the
 history and never pushes a change of state out of it (see WatchEvent.notice).
+
+Revisions and fencing tokens never go backwards, even when the store loses its data (a Redis
+restarted empty, or a failover to a replica that had not seen the last writes). Each counter
+starts, when its namespace has none, from the store's clock in microseconds, and then counts up
+by one. Every value handed out before a loss was at most its counter's start plus the number
+of values handed out since; a store hands out far fewer than one a microsecond, so that is less
+than the clock at the loss, where the new counter starts. The argument assumes the store's
+clock does not go back across the loss. So revisions are large numbers, not counts from 1,
+and the first event of a history says it is the first: a watch that starts at revision 1 (the
+start of the history) gets OUT_OF_RANGE once that event has been trimmed, and a watch resuming
+from a revision before a loss gets OUT_OF_RANGE (its history is gone; take a snapshot).
 """
 
 from collections import abc as _abc

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert
-from nac_server.errors import ShuttingDown, WatcherTooSlow, store_unavailable
+from nac_server.errors import Compacted, ShuttingDown, WatcherTooSlow, store_unavailable
 from nac_server.event_log import EventLog
 from nac_server.history import Position, follows
 from nac_server.records import StoredEvent
@@ -176,6 +176,16 @@ async def watch(
                     )
             yield pb.WatchEvent(revision=revision, type=pb.WatchEvent.SNAPSHOT_COMPLETE)
         elif command.start_revision:
+            current = await store.log.revision(namespace)
+            if command.start_revision > current + 1:
+                # Waiting for it would hang until new revisions pass it, if they ever do.
+                raise Compacted(
+                    f"revision {command.start_revision} is after the current revision "
+                    f"{current}: this history does not hold it; take a snapshot and resume "
+                    "from its revision",
+                    command.start_revision,
+                    current + 1,
+                )
             last = Position.before(command.start_revision)
             await on_start(command.start_revision)
         else:

@@ -251,3 +251,26 @@ async def test_shutdown_ends_watches_with_a_resume_point(
             assert await stopping == 0
     finally:
         server.stop()
+
+
+async def test_a_start_revision_ahead_of_the_history_is_out_of_range(
+    stubs: tuple[Stub, Stub], namespace: str
+) -> None:
+    """A resume point the history has not reached (a client that saw a store since lost)
+    answers at once instead of waiting for revisions that may never come."""
+    first, _ = stubs
+    granted = await acquire(first, namespace, "j1", "/a")
+    ahead = first.Watch(pb.WatchRequest(namespace=namespace, start_revision=granted.revision + 5))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await take(ahead, 1)
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert error_metadata(caught.value)["oldest_revision"] == str(granted.revision + 1)
+    # The next revision itself is fine: the watch waits for it.
+    following = first.Watch(
+        pb.WatchRequest(namespace=namespace, start_revision=granted.revision + 1)
+    )
+    await following.initial_metadata()
+    await release(first, namespace, "j1")
+    [event] = await take(following, 1)
+    following.cancel()
+    assert (event.revision, event.type) == (granted.revision + 1, pb.WatchEvent.RELEASED)

@@ -2,7 +2,9 @@
 
 The command runs in a session of its own, so that stopping it reaches everything it started
 (a shell's children too). Signals nacctl receives (Ctrl-C, SIGTERM, SIGHUP) are passed on to it:
-nacctl itself stays to release the job once the command has exited.
+nacctl itself stays to release the job once the command has exited. A watchdog process stops
+the command's session if nacctl dies, even by SIGKILL: nobody renews the lease then, so the
+command must not go on writing.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -22,6 +25,67 @@ from nac_client import Hold
 POLL_SECONDS = 0.1
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# Run as `python -c`: Linux sends it SIGTERM when nacctl dies (PR_SET_PDEATHSIG), and it then
+# stops the process group named on its stdin as nacctl would: SIGTERM, then SIGKILL after the
+# grace in argv[1]. nacctl kills it with SIGKILL once the command has ended. Not a preexec_fn on
+# the command: that reaches only the command itself, not what it started.
+_WATCHDOG = """
+import ctypes, os, signal, sys, time
+grace = float(sys.argv[1])
+group = None
+def stop(*_):
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                os.killpg(group, 0)
+                time.sleep(0.05)
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(0)
+for ignored in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(ignored, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, stop)
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+line = sys.stdin.readline()
+if not line or os.getppid() != int(sys.argv[2]):
+    stop()
+group = int(line)
+if os.getppid() != int(sys.argv[2]):
+    stop()
+while True:
+    signal.pause()
+"""
+
+
+def _start_watchdog(grace: float) -> subprocess.Popen[bytes] | None:
+    """The watchdog, waiting for the group to guard; None where it cannot run (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(grace), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _guard(watchdog: subprocess.Popen[bytes] | None, process: subprocess.Popen[bytes]) -> None:
+    if watchdog is not None and watchdog.stdin is not None:
+        watchdog.stdin.write(f"{process.pid}\n".encode())
+        watchdog.stdin.flush()
+
+
+def _end_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
+    if watchdog is not None:
+        with contextlib.suppress(ProcessLookupError):
+            watchdog.kill()
+        watchdog.wait()
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()
 
 
 @dataclass(frozen=True)
@@ -116,15 +180,21 @@ def run_while_held(
             program).
     """
     with _forwarding_signals() as forwarder:
-        process = subprocess.Popen(
-            list(command), env={**os.environ, **extra_env}, start_new_session=True
-        )
-        forwarder.started(process)
-        while True:
-            try:
-                return Outcome(shell_status(process.wait(timeout=POLL_SECONDS)))
-            except subprocess.TimeoutExpired:
-                pass
-            if hold.lost:
-                returncode = stop(process, grace)
-                return Outcome(shell_status(returncode), hold.lost_reason or "hold lost")
+        # Before the command, so that it is never without one.
+        watchdog = _start_watchdog(grace)
+        try:
+            process = subprocess.Popen(
+                list(command), env={**os.environ, **extra_env}, start_new_session=True
+            )
+            _guard(watchdog, process)
+            forwarder.started(process)
+            while True:
+                try:
+                    return Outcome(shell_status(process.wait(timeout=POLL_SECONDS)))
+                except subprocess.TimeoutExpired:
+                    pass
+                if hold.lost:
+                    returncode = stop(process, grace)
+                    return Outcome(shell_status(returncode), hold.lost_reason or "hold lost")
+        finally:
+            _end_watchdog(watchdog)

@@ -489,6 +489,31 @@ def test_acquire_kills_the_command_and_exits_8_when_the_server_goes_away(
     wait_until(lambda: not _alive(sleeper))
 
 
+def test_acquire_killed_by_sigkill_takes_its_command_with_it(cli: Nacctl, tmp_path: Path) -> None:
+    """Nobody renews the lease once nacctl is gone, so its command (and what that started) must
+    not go on writing: its watchdog stops the command's whole session."""
+    pid_file = tmp_path / "pid"
+    running = cli.popen(
+        "acquire",
+        "--grace",
+        "1",
+        "--node",
+        NODE,
+        "--require",
+        "write",
+        "--",
+        "sh",
+        "-c",
+        f"sleep 120 & echo $! > {pid_file}; wait",
+    )
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+    grandchild = int(pid_file.read_text())
+    assert _alive(grandchild)
+    running.kill()
+    running.wait(timeout=30)
+    wait_until(lambda: not _alive(grandchild))
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]

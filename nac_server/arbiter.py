@@ -11,11 +11,18 @@ from dataclasses import replace
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import convert, validation
 from nac_server.config import Limits
-from nac_server.errors import AlreadyExists, Deadlock, InvalidArgument, NotFound, PermissionDenied
+from nac_server.errors import (
+    AlreadyExists,
+    Deadlock,
+    InvalidArgument,
+    LeaseRanOut,
+    NotFound,
+    PermissionDenied,
+)
 from nac_server.expiry import Sweeper
 from nac_server.model import Outcome, Response
 from nac_server.store import Store
-from nac_server.validation import AcquireCommand
+from nac_server.validation import AcquireCommand, JobCommand
 from nac_server.watch import EventHub, watch
 
 log = logging.getLogger("nac.decisions")
@@ -37,6 +44,9 @@ class Arbiter:
             response = await self.store.acquire(command, wait_ms=0)
         if response.outcome is Outcome.ALREADY_EXISTS:
             raise AlreadyExists(command.namespace, command.job_id)
+        if response.outcome is Outcome.NOT_HELD:
+            # A retry of a grant whose lease ran out before the sweep expired it.
+            raise LeaseRanOut(command.namespace, command.job_id)
         if response.outcome is Outcome.DEADLOCK:
             log.info("acquire deadlock %s cycle=%s", _about(command), response.cycle)
             raise Deadlock(command.namespace, command.job_id, response.cycle)
@@ -101,13 +111,21 @@ class Arbiter:
                 return response
             except BaseException:
                 # The client went away or the call failed: leave the queue now, whatever happens
-                # to this task.
-                cleanup = asyncio.create_task(
-                    self.store.unwait(command.namespace, command.job_id, nodes)
-                )
+                # to this task, and give back a grant it may have had just before (the caller
+                # never heard of it, so nobody would renew it).
+                cleanup = asyncio.create_task(self._abandon(command, nodes))
                 self._cleanups.add(cleanup)
                 cleanup.add_done_callback(self._cleanups.discard)
                 raise
+
+    async def _abandon(self, command: AcquireCommand, nodes: list[str]) -> bool:
+        left = await self.store.unwait(command.namespace, command.job_id, nodes)
+        released = await self.store.release(
+            JobCommand(command.namespace, command.job_id, command.owner)
+        )
+        if released.outcome is Outcome.RELEASED:
+            log.info("abandoned grant released %s rev=%d", _about(command), released.revision)
+        return left or released.outcome is Outcome.RELEASED
 
     async def update(self, request: pb.UpdateRequest) -> pb.UpdateResponse:
         command = validation.update(request, self.limits)

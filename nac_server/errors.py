@@ -61,6 +61,12 @@ class NotFound(NacError):
         super().__init__(f"no job {job_id} in {namespace}", namespace=namespace, job_id=job_id)
 
 
+class LeaseRanOut(NotFound):
+    def __init__(self, namespace: str, job_id: str) -> None:
+        super().__init__(namespace, job_id)
+        self.message = f"job {job_id} in {namespace} is no longer held: its lease has run out"
+
+
 class Deadlock(NacError):
     reason = "DEADLOCK"
 

@@ -41,6 +41,8 @@ _ACQUIRE = {
     Verdict.REFUSED: Outcome.REFUSED,
     Verdict.QUEUED: Outcome.QUEUED,
     Verdict.DEADLOCK: Outcome.DEADLOCK,
+    # The job of a retry, whose lease ran out before the sweep came by.
+    Verdict.NOT_HELD: Outcome.NOT_HELD,
 }
 _END = {
     Verdict.RELEASED: Outcome.RELEASED,
@@ -168,7 +170,7 @@ class Store:
             "acquire", command.namespace, [*args, *_masks(command.nodes)], [names]
         )
         response = _response(reply, _ACQUIRE, command.nodes)
-        if response.job is not None and response.outcome is not Outcome.ALREADY_EXISTS:
+        if response.job is not None and response.outcome in (Outcome.GRANTED, Outcome.EXISTING):
             self._node_lists.remember(command.namespace, response.job)
         return response
 

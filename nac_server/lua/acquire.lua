@@ -11,6 +11,8 @@
 -- Returns {verdict, revision, record, extra, conflict...} (see answer in _lib), the verdict one of
 --   GRANTED         record: the job, which now holds every node
 --   EXISTING        record: the same job, already held (a retry)
+--   NOT_HELD        record: the same job, whose lease has run out by the store's clock but
+--                   that the sweep has not expired yet: it is no longer held
 --   ALREADY_EXISTS  record: the holder of the id, held or waiting with other content, or a lost
 --                   job still in lock-delay
 --   WOULD_GRANT     dry run, no conflict
@@ -47,8 +49,12 @@ local waiting = nil
 if not dry_run then
   local stored = redis.call('HGET', keys.jobs, job_id)
   if stored then
-    local verdict = same_content(cjson.decode(stored)) and VERDICT.EXISTING
-      or VERDICT.ALREADY_EXISTS
+    local record = cjson.decode(stored)
+    local verdict = same_content(record) and VERDICT.EXISTING or VERDICT.ALREADY_EXISTS
+    -- Judged by the store's clock, not by whether the sweep has come by.
+    if verdict == VERDICT.EXISTING and record.exp <= now_ms() then
+      verdict = VERDICT.NOT_HELD
+    end
     return answer(verdict, current_revision(keys.rev), stored)
   end
   -- A lost job in lock-delay still counts as holding its nodes, so its id is still in use.

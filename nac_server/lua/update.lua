@@ -14,7 +14,8 @@
 --   UNCHANGED          the job already has exactly these nodes and masks
 --   WOULD_GRANT        dry run, no conflict
 --   REFUSED            conflicts as flat groups; the job untouched
---   NOT_HELD           no such job (no record)
+--   NOT_HELD           no such job (no record), or its lease has run out by the store's clock
+--                      (the sweep will expire it)
 --   PERMISSION_DENIED  another owner's job
 --   RETRY              KEYS named other current nodes; call again
 -- The job is checked against the other holders and lost holders of each node, never against
@@ -38,6 +39,9 @@ local stored, record, absent = stored_record(keys.jobs, job_id, keys.rev)
 if not stored then return absent end
 if record.owner ~= owner then
   return answer(VERDICT.PERMISSION_DENIED, current_revision(keys.rev), stored)
+end
+if record.exp <= now_ms() then
+  return answer(VERDICT.NOT_HELD, current_revision(keys.rev))
 end
 if not node_keys_match(keys.prefix, record, keys.fixed + 1, {'n:'}, current_count) then
   return answer(VERDICT.RETRY, current_revision(keys.rev), stored)

@@ -1,0 +1,114 @@
+"""Leases judged by the store's clock, not by the sweep; and a grant whose caller has gone.
+
+No sweeper runs in these tests, so a lease that has run out stays in Redis until the test looks:
+exactly the window in which a late sweep used to let a lapsed job be updated or re-granted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from redis.asyncio import Redis
+
+from nac_proto.nac.v1 import nac_pb2 as pb
+from nac_server.arbiter import Arbiter
+from nac_server.config import Limits
+from nac_server.expiry import Sweeper
+from nac_server.history import Position
+from nac_server.model import Action, NodeAccess, Outcome, Response
+from nac_server.store import Store
+from nac_server.validation import AcquireCommand
+from nac_server.watch import EventHub
+from tests import store_calls
+
+NS = "lapsed"
+WRITE = Action.MODIFY_VISIBLE_DATA.bit
+SHORT_TTL_MS = 50
+
+
+async def until_store_time_passes(redis: Redis, ms: int) -> None:
+    """Waits until Redis's own clock has moved on by ms."""
+    start_s, start_us = await redis.time()
+    while True:
+        now_s, now_us = await redis.time()
+        if (now_s - start_s) * 1000 + (now_us - start_us) / 1000 > ms:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_lapsed_job_cannot_be_updated_or_granted_again(store: Store, redis: Redis) -> None:
+    nodes = [NodeAccess("/a", WRITE, 0)]
+    granted = await store_calls.acquire(store, NS, "j", "host-a", "commit", nodes, SHORT_TTL_MS)
+    assert granted.outcome is Outcome.GRANTED
+    await until_store_time_passes(redis, SHORT_TTL_MS + 10)
+    # Widening it, or a retry of its acquire, would act on a lease that no longer protects it.
+    same = await store_calls.update(store, NS, "j", "host-a", nodes)
+    assert same.outcome is Outcome.NOT_HELD
+    wider = await store_calls.update(
+        store, NS, "j", "host-a", [NodeAccess("/a", WRITE, 0), NodeAccess("/b", WRITE, 0)]
+    )
+    assert wider.outcome is Outcome.NOT_HELD
+    retried = await store_calls.acquire(store, NS, "j", "host-a", "commit", nodes, SHORT_TTL_MS)
+    assert retried.outcome is Outcome.NOT_HELD
+    # Nothing changed: the sweep still finds the job and expires it.
+    due = await store.due(NS)
+    assert [job.job_id for job in due.jobs] == ["j"]
+    assert (await store.expire(NS, due.jobs[0])).outcome is Outcome.RELEASED
+
+
+class CancelledAfterTheGrant(Store):
+    """The caller's cancellation lands on the await of the grant that Redis has just made."""
+
+    async def acquire(self, command: AcquireCommand, wait_ms: int | None = None) -> Response:
+        response = await super().acquire(command, wait_ms)
+        if command.wait_ms and response.outcome is Outcome.GRANTED:
+            raise asyncio.CancelledError
+        return response
+
+
+async def test_a_waiting_acquire_cancelled_as_it_is_granted_gives_the_grant_back(
+    redis: Redis,
+) -> None:
+    store = CancelledAfterTheGrant(redis)
+
+    async def healthy(_: bool) -> None:
+        return None
+
+    hub = EventHub(store.log, 64)
+    arbiter = Arbiter(store, hub, Sweeper(store, 60, healthy), Limits())
+    holder = [NodeAccess("/x", WRITE, 0)]
+    held = await store_calls.acquire(store, NS, "holder", "host-a", "commit", holder, 60_000)
+    assert held.outcome is Outcome.GRANTED
+    request = pb.AcquireRequest(
+        namespace=NS,
+        job_id="w",
+        owner="host-b",
+        operation="stream",
+        nodes=[pb.NodeAccess(node="/x", require=[pb.READ_VISIBLE_DATA])],
+    )
+    request.wait.FromSeconds(60)
+    waiting = asyncio.create_task(arbiter.acquire(request))
+    try:
+        for _ in range(3000):
+            if (await store.snapshot(NS))[2]:
+                break
+            await asyncio.sleep(0.01)
+        await store_calls.release(store, NS, "holder", "host-a")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 30)
+        # The grant was made, then given back: nothing holds /x, nothing waits for it.
+        for _ in range(300):
+            _, jobs, waiters = await store.snapshot(NS)
+            if not jobs and not waiters:
+                break
+            await asyncio.sleep(0.01)
+        assert (jobs, waiters) == ((), ())
+        node = await store.node(NS, "/x")
+        assert node.holders == () and node.delays == ()
+        assert [e.type for e in await store.log.events(NS, Position(0), 100)][-2:] == [
+            "ACQUIRED",
+            "RELEASED",
+        ]
+    finally:
+        await hub.close()
+        waiting.cancel()

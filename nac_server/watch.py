@@ -37,6 +37,17 @@ class Subscription:
     # Waiters need only changes of state; watchers want the notices too.
     notices: bool = True
     overflowed: bool = False
+    # Set when the feed could not read the store: what it reads from here may miss events.
+    failure: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.failure.set()
+
+    def raise_failure(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass(eq=False)
@@ -80,8 +91,10 @@ class EventHub:
             feed.task = asyncio.create_task(self._follow(namespace, feed))
         try:
             # Until the feed has its starting revision, an event could fall between it and a
-            # history read made now.
-            await feed.ready.wait()
+            # history read made now. A store that cannot be read ends the wait with its error.
+            await _first_set(feed.ready, subscription.failure)
+            if not feed.ready.is_set():
+                subscription.raise_failure()
             yield subscription
         finally:
             feed.subscribers.discard(subscription)
@@ -111,6 +124,10 @@ class EventHub:
                     log.warning("event feed for %s: %s; retrying", namespace, error)
                 else:
                     log.exception("event feed for %s failed; retrying", namespace, exc_info=error)
+                # Those who follow the feed answer now (UNAVAILABLE) rather than wait on events
+                # that cannot come.
+                for subscription in list(feed.subscribers):
+                    subscription.fail(error)
                 await asyncio.sleep(0.5)
                 continue
             for event in events:
@@ -142,6 +159,14 @@ class EventHub:
             try:
                 event = await asyncio.wait_for(next_event(self, subscription, 0), remaining)
             except TimeoutError:
+                return
+            except Exception:
+                if subscription.error is None:
+                    raise
+                # The feed could not read the store: check again now, which answers
+                # UNAVAILABLE if the store is still down and keeps the queue place if not.
+                subscription.error = None
+                subscription.failure.clear()
                 return
             if event.type in _FREEING and event.concerns(nodes, frozenset()):
                 return
@@ -220,14 +245,27 @@ async def watch(
 
 
 async def next_event(hub: EventHub, subscription: Subscription, resume: int) -> StoredEvent:
+    """The next event; the store's error if the feed cannot read it; ShuttingDown at shutdown."""
     getter = asyncio.ensure_future(subscription.queue.get())
     closing = asyncio.ensure_future(hub.closing.wait())
+    failing = asyncio.ensure_future(subscription.failure.wait())
     try:
-        await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({getter, closing, failing}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         closing.cancel()
+        failing.cancel()
         if not getter.done():
             getter.cancel()
     if getter.done() and not getter.cancelled():
         return getter.result()
+    subscription.raise_failure()
     raise ShuttingDown(resume)
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -202,3 +202,43 @@ def test_a_store_that_lost_its_data_hands_out_no_old_token_and_ends_open_watches
         assert "take a snapshot" in (ended.value.details() or "")
         listed = stub.ListJobs(nac_pb2.ListJobsRequest(namespace="faults"))
         assert listed.revision > 0 and [j.job_id for j in listed.jobs] == [after.job_id]
+
+
+def waiting_acquire(stub: nac_pb2_grpc.NodeAccessControlStub, job_id: str) -> grpc.RpcError:
+    """An Acquire that waits up to 60 s for NODE; its error, within the 30 s call deadline."""
+    request = nac_pb2.AcquireRequest(
+        namespace="faults",
+        job_id=job_id,
+        owner="host-b",
+        operation="stream",
+        nodes=[nac_pb2.NodeAccess(node=NODE, require=[nac_pb2.READ_VISIBLE_DATA])],
+    )
+    request.wait.FromSeconds(60)
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Acquire(request, timeout=30)
+    return failed.value
+
+
+def test_waits_and_watches_answer_unavailable_while_redis_is_down(
+    server: ServerProcess, store: RedisProcess
+) -> None:
+    """While Redis is down, an open watch ends, and a new watch or waiting acquire answers, with
+    UNAVAILABLE: none of them waits on events that cannot come."""
+    with (
+        grpc.insecure_channel(server.target) as channel,
+        Client(server.target, namespace="faults", owner="host-a") as client,
+    ):
+        stub = nac_pb2_grpc.NodeAccessControlStub(channel)
+        client.acquire([NodeAccess(NODE, [W], [])], operation="commit")
+        watch = stub.Watch(nac_pb2.WatchRequest(namespace="faults"), timeout=30)
+        watch.initial_metadata()
+        store.kill()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(watch)
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        failed = waiting_acquire(stub, "w-down")
+        assert failed.code() is grpc.StatusCode.UNAVAILABLE, failed.details()
+        late_watch = stub.Watch(nac_pb2.WatchRequest(namespace="faults"), timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(late_watch)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()

@@ -268,6 +268,9 @@ def nac_command(address: str, redis_url: str) -> list[str]:
         "WARNING",
         "--grace",
         "1",
+        # The bench empties Redis between levels on purpose: no grace period after that.
+        "--loss-grace",
+        "0",
     ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,32 @@ if os.getppid() != int(sys.argv[2]):
 while True:
     signal.pause()
 """
+
+
+# Run as `python -c` in front of the command: a byte on the fd in argv[1] opens the gate; end of
+# file (nacctl gone before the watchdog knew the session) ends it. Then the command replaces
+# the gate, keeping its pid.
+_GATE = """
+import os, sys
+gate = int(sys.argv[1])
+opened = os.read(gate, 1)
+os.close(gate)
+if not opened:
+    sys.exit(125)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _check_runnable(program: str, env: Mapping[str, str]) -> None:
+    """Raises what starting program would: FileNotFoundError, PermissionError."""
+    if "/" in program:
+        found: str | None = program if os.path.exists(program) else None
+    else:
+        found = shutil.which(program, mode=os.F_OK, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(2, "No such file or directory", program)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise PermissionError(13, "Permission denied", program)
 
 
 def _start_watchdog(grace: float) -> subprocess.Popen[bytes] | None:
@@ -183,10 +210,25 @@ def run_while_held(
         # Before the command, so that it is never without one.
         watchdog = _start_watchdog(grace)
         try:
-            process = subprocess.Popen(
-                list(command), env={**os.environ, **extra_env}, start_new_session=True
-            )
-            _guard(watchdog, process)
+            # The command waits at a gate until the watchdog knows its session: a nacctl killed
+            # before that closes the gate unopened, and the command never runs.
+            env = {**os.environ, **extra_env}
+            _check_runnable(command[0], env)
+            gate_out, gate_in = os.pipe()
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-c", _GATE, str(gate_out), *command],
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(gate_out,),
+                )
+            finally:
+                os.close(gate_out)
+            try:
+                _guard(watchdog, process)
+                os.write(gate_in, b"\n")
+            finally:
+                os.close(gate_in)
             forwarder.started(process)
             while True:
                 try:

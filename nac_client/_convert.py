@@ -211,6 +211,9 @@ def keep_alive_result_from_proto(message: nac_pb2.KeepAliveResponse) -> KeepAliv
         ),
         ttl=message.ttl.ToTimedelta() if message.HasField("ttl") else None,
         fencing_token=message.fencing_token,
+        grace_end=(
+            datetime_from_proto(message.grace_end) if message.HasField("grace_end") else None
+        ),
     )
 
 
@@ -225,6 +228,7 @@ def acquire_request(
     dry_run: bool,
     wait: timedelta | None = None,
     group: str = "",
+    reclaim: bool = False,
 ) -> nac_pb2.AcquireRequest:
     return nac_pb2.AcquireRequest(
         namespace=namespace,
@@ -236,6 +240,7 @@ def acquire_request(
         dry_run=dry_run,
         wait=duration_to_proto(wait) if wait else None,
         group=group,
+        reclaim=reclaim,
     )
 
 

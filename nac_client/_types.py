@@ -111,6 +111,9 @@ class ConflictKind(enum.Enum):
     """The holder's lease was lost or force-released; it blocks its nodes until `until`."""
     WAITING_AHEAD = 4
     """The holder is a job that queued earlier on the node and would conflict (fairness)."""
+    GRACE = 5
+    """The store lost its data: until `until` only reclaims of earlier jobs are granted. No
+    holder is named."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,12 @@ class ConflictDetail:
     def __str__(self) -> str:
         holder = f"job {self.holder_job_id} ({self.holder_operation} by {self.holder_owner})"
         action = self.action.name
+        if self.kind is ConflictKind.GRACE:
+            until = f" until {clock_time(self.until)}" if self.until is not None else ""
+            return (
+                f"refused on {self.node}: the store lost its data; only jobs held before may "
+                f"be reclaimed{until}"
+            )
         if self.kind is ConflictKind.LOCK_DELAY:
             until = f" until {clock_time(self.until)}" if self.until is not None else ""
             return f"refused on {self.node}: lost {holder} is in lock-delay{until} ({action})"
@@ -299,6 +308,8 @@ class KeepAliveResult:
         expires_at: The new end of the lease, when alive.
         ttl: The lease length, when alive.
         fencing_token: The job's fencing token, when alive.
+        grace_end: When not alive because the store lost its data: until when the job may be
+            reclaimed (acquire with reclaim=True); None otherwise.
     """
 
     job_id: str
@@ -306,6 +317,7 @@ class KeepAliveResult:
     expires_at: datetime | None
     ttl: timedelta | None
     fencing_token: int
+    grace_end: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,12 @@ def refusal_text(operation: str, conflict: Any) -> str:
         why = f"requires {action}"
     elif conflict.kind is ConflictKind.HOLDER_DOES_NOT_ALLOW:
         why = f"does not allow {action}"
+    elif conflict.kind is ConflictKind.GRACE:
+        until = conflict.until.isoformat() if conflict.until else "its end"
+        return (
+            f"NAC refused {operation} on {conflict.node}: the store lost its data and grants "
+            f"only reclaims until {until}"
+        )
     elif conflict.kind is ConflictKind.LOCK_DELAY:
         until = conflict.until.isoformat() if conflict.until else "its end"
         why = f"lost its lease and blocks {action} in lock-delay until {until}"

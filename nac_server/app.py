@@ -71,6 +71,7 @@ class Server:
             notice_history=limits.notice_history,
             lock_delay_ms=limits.lock_delay_ms,
             waiter_liveness_ms=limits.waiter_liveness_ms,
+            loss_grace_ms=limits.effective_loss_grace_ms,
         )
         self.health = health.aio.HealthServicer()
         self._healthy: bool | None = None

@@ -173,6 +173,14 @@ class Arbiter:
         job = _owned(await self.store.renew(command), command).job
         if job is None:
             log.info("keepalive lost ns=%s job=%s", command.namespace, command.job_id)
+            # A job gone may be a store that lost its data since the last sweep looked.
+            await self.store.deployment.check()
+            grace_end_ms = self.store.deployment.grace_end_ms
+            if grace_end_ms > time.time() * 1000:
+                # The store lost its data: the holder may take its job back.
+                return pb.KeepAliveResponse(
+                    job_id=command.job_id, alive=False, grace_end=convert.timestamp(grace_end_ms)
+                )
             return pb.KeepAliveResponse(job_id=command.job_id, alive=False)
         return pb.KeepAliveResponse(
             job_id=command.job_id,

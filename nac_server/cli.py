@@ -68,6 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     option("--max-wait", float, defaults.max_wait_ms / 1000, "longest Acquire wait, seconds")
     option(
+        "--loss-grace",
+        float,
+        None,
+        "seconds after Redis loses its data in which only reclaims are granted "
+        "(default: --max-ttl plus --lock-delay)",
+    )
+    option(
         "--admin-token",
         str,
         None,
@@ -90,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ("--sweep-interval", options.sweep_interval > 0),
             ("--lock-delay", 0 <= options.lock_delay <= 3600),
             ("--max-wait", options.max_wait >= 0),
+            ("--loss-grace", options.loss_grace is None or 0 <= options.loss_grace <= 86400),
         ]
         if not ok
     ]
@@ -122,6 +130,7 @@ def config_from(options: argparse.Namespace) -> ServerConfig:
             sweep_interval_s=options.sweep_interval,
             lock_delay_ms=round(options.lock_delay * 1000),
             max_wait_ms=round(options.max_wait * 1000),
+            loss_grace_ms=None if options.loss_grace is None else round(options.loss_grace * 1000),
         ),
     )
 

@@ -28,3 +28,13 @@ class Limits:
     lock_delay_ms: int = 15_000
     # A queued job is re-checked at least this often, and leaves the queue if its server stops.
     waiter_liveness_ms: int = 10_000
+    # After the store loses its data, only reclaims are granted for this long; None: the
+    # longest lease plus the lock-delay, so every holder from before has either come back or
+    # lost its lease and waited out its lock-delay.
+    loss_grace_ms: int | None = None
+
+    @property
+    def effective_loss_grace_ms(self) -> int:
+        if self.loss_grace_ms is not None:
+            return self.loss_grace_ms
+        return self.max_ttl_ms + self.lock_delay_ms

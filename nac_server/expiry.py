@@ -38,6 +38,7 @@ class Sweeper:
     async def sweep_once(self) -> float:
         """Expire every due job; return how long until the next lease is due, in seconds."""
         pause = self._interval_s
+        await self._store.deployment.check()
         for namespace in await self._store.namespaces.all():
             due = await self._store.due(namespace)
             for job in due.jobs:

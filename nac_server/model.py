@@ -57,6 +57,8 @@ class ConflictKind(enum.IntEnum):
     LOCK_DELAY = 3
     # A job that queued earlier on the node and conflicts: fairness puts it first.
     WAITING_AHEAD = 4
+    # The store lost its data: only reclaims are granted until the grace period ends.
+    GRACE = 5
 
 
 @dataclass(frozen=True, order=True)
@@ -302,6 +304,10 @@ class AcquireRequest:
     # Queue when refused (rather than answer REFUSED).
     wait: bool = False
     group: str = ""
+    # The end of a grace period after a loss of the store's data (0: none), and whether this is
+    # the reclaim of a job held before it.
+    grace_end_ms: int = 0
+    reclaim: bool = False
 
 
 @dataclass(frozen=True)
@@ -433,6 +439,8 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
     conflicts = state.conflicts(
         request.nodes, seq=None if queued is None else queued.seq, group=request.group
     )
+    if request.now_ms < request.grace_end_ms and not request.reclaim:
+        conflicts = grace_conflicts(request.nodes, request.grace_end_ms)
     if request.dry_run:
         if conflicts:
             return state, Response(Outcome.REFUSED, state.revision, conflicts=conflicts)
@@ -501,6 +509,18 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
     )
 
 
+def grace_conflicts(nodes: Iterable[NodeAccess], grace_end_ms: int) -> tuple[Conflict, ...]:
+    """During a grace period every node refuses all but reclaims: one GRACE conflict per node
+    (on its first required action, or READ_METADATA if it requires none), naming no holder."""
+    found = []
+    for access in nodes:
+        actions = actions_in(access.require) or [Action.READ_METADATA]
+        found.append(
+            Conflict(access.node, actions[0], ConflictKind.GRACE, "", "", "", grace_end_ms)
+        )
+    return tuple(sorted(found))
+
+
 def _blocked_by(conflicts: Iterable[Conflict]) -> tuple[tuple[str, str], ...]:
     """The wait-for edges of a refused job: who is in its way, lock-delays apart."""
     return tuple(
@@ -508,7 +528,7 @@ def _blocked_by(conflicts: Iterable[Conflict]) -> tuple[tuple[str, str], ...]:
             {
                 (c.holder_owner, c.holder_job_id)
                 for c in conflicts
-                if c.kind is not ConflictKind.LOCK_DELAY
+                if c.kind not in (ConflictKind.LOCK_DELAY, ConflictKind.GRACE)
             }
         )
     )

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from nac_server.deployment import Deployment
 from nac_server.event_log import EventLog, following
 from nac_server.history import Position
 from nac_server.keys import NAMESPACES_KEY, Keys
@@ -142,8 +143,11 @@ class Store:
         waiter_liveness_ms: int = 10_000,
         history_bytes: int = 64 * 2**20,
         notice_history: int = 1_000,
+        loss_grace_ms: int = 0,
     ) -> None:
         self.redis = redis
+        # Noticing a loss of the store's data, and the grace period after it.
+        self.deployment = Deployment(redis, loss_grace_ms)
         # The caps of the two streams, as the scripts take them: the history keeps at most this
         # many changes and bytes; notices are capped (approximately) on their own.
         self.history = f"{history},{history_bytes},{notice_history}"
@@ -164,11 +168,16 @@ class Store:
         wait = command.wait_ms if wait_ms is None else wait_ms
         args = [command.job_id, command.owner, command.operation, command.ttl_ms]
         args += [int(command.dry_run), self.history, ACTION_COUNT, wait, self.waiter_liveness_ms]
-        args.append(command.group)
         names = [access.node for access in command.nodes]
-        reply = await self.scripts.decide(
-            "acquire", command.namespace, [*args, *_masks(command.nodes)], [names]
-        )
+        epoch_checked = False
+        while True:
+            call = [*args, command.group, self.deployment.grace_end_ms, int(command.reclaim)]
+            call += [int(epoch_checked), *_masks(command.nodes)]
+            reply = await self.scripts.decide("acquire", command.namespace, call, [names])
+            if reply.verdict is not Verdict.CHECK_EPOCH or epoch_checked:
+                break
+            await self.deployment.check()
+            epoch_checked = True
         response = _response(reply, _ACQUIRE, command.nodes)
         if response.job is not None and response.outcome in (Outcome.GRANTED, Outcome.EXISTING):
             self._node_lists.remember(command.namespace, response.job)

@@ -123,6 +123,7 @@ class AcquireCommand:
     dry_run: bool
     wait_ms: int
     group: str = ""
+    reclaim: bool = False
 
 
 def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
@@ -138,6 +139,7 @@ def acquire(request: pb.AcquireRequest, limits: Limits) -> AcquireCommand:
         dry_run=request.dry_run,
         wait_ms=wait_ms(request.wait, limits),
         group=text(request.group, "group", 256) if request.group else "",
+        reclaim=request.reclaim,
     )
 
 

@@ -34,6 +34,9 @@ class Verdict(enum.StrEnum):
     STILL_LIVE = "STILL_LIVE"
     # KEYS named other nodes than the record holds; the reply carries the record: call again.
     RETRY = "RETRY"
+    # The namespace has no token counter yet (new, or its store lost its data): look at the
+    # deployment's epoch, then call again saying so.
+    CHECK_EPOCH = "CHECK_EPOCH"
 
 
 class EventType(enum.StrEnum):

@@ -21,9 +21,10 @@ async def acquire(
     dry_run: bool = False,
     wait_ms: int = 0,
     group: str = "",
+    reclaim: bool = False,
 ) -> Response:
     command = AcquireCommand(
-        namespace, job_id, owner, operation, tuple(nodes), ttl_ms, dry_run, wait_ms, group
+        namespace, job_id, owner, operation, tuple(nodes), ttl_ms, dry_run, wait_ms, group, reclaim
     )
     return await store.acquire(command)
 

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 from redis.asyncio import Redis
 
 from nac_proto.nac.v1 import nac_pb2 as pb
+from nac_server import model
 from nac_server.arbiter import Arbiter
 from nac_server.config import Limits
+from nac_server.deployment import GRACE_KEY
 from nac_server.expiry import Sweeper
 from nac_server.history import Position
-from nac_server.model import Action, NodeAccess, Outcome, Response
+from nac_server.model import Action, ConflictKind, NodeAccess, Outcome, Response
 from nac_server.store import Store
 from nac_server.validation import AcquireCommand
 from nac_server.watch import EventHub
@@ -112,3 +115,73 @@ async def test_a_waiting_acquire_cancelled_as_it_is_granted_gives_the_grant_back
     finally:
         await hub.close()
         waiting.cancel()
+
+
+async def test_a_grace_period_refuses_all_but_reclaims_as_the_model_does(
+    store: Store, redis: Redis
+) -> None:
+    """Lua and the model agree on the grace period: one GRACE conflict per node (its first
+    required action), no holder named, queue and tokens untouched; reclaims go by the rule."""
+    seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    # As a replica that noticed a loss leaves it for all.
+    await store.deployment.check()
+    await redis.set(GRACE_KEY, now_ms + 60_000)
+    await store.deployment.check()
+    nodes = (NodeAccess("/a", WRITE | Action.READ_VISIBLE_DATA.bit, 0), NodeAccess("/b", 0, 0))
+    state = model.State()
+    request = model.AcquireRequest(
+        "j", "host-a", "commit", nodes, now_ms=now_ms, grace_end_ms=now_ms + 60_000
+    )
+    state, expected = model.step(state, request)
+    refused = await store_calls.acquire(store, NS, "j", "host-a", "commit", nodes, 60_000)
+    assert refused.outcome is expected.outcome is Outcome.REFUSED
+    assert [(c.node, c.action, c.kind, c.holder_job_id) for c in refused.conflicts] == [
+        (c.node, c.action, c.kind, c.holder_job_id) for c in expected.conflicts
+    ]
+    assert [c.action for c in refused.conflicts] == [
+        Action.MODIFY_VISIBLE_DATA,
+        Action.READ_METADATA,
+    ]
+    assert all(c.until_ms == store.deployment.grace_end_ms for c in refused.conflicts)
+    queued = await store_calls.acquire(
+        store, NS, "w", "host-b", "commit", nodes, 60_000, wait_ms=10_000
+    )
+    # A waiter queues as for any refusal, and no grace conflict is an edge of the wait-for graph.
+    assert queued.outcome is Outcome.QUEUED
+    assert await store.unwait(NS, "w", [n.node for n in nodes])
+    reclaimed = await store_calls.acquire(
+        store, NS, "j", "host-a", "commit", nodes, 60_000, reclaim=True
+    )
+    state, expected = model.step(state, replace(request, reclaim=True))
+    assert reclaimed.outcome is expected.outcome is Outcome.GRANTED
+    clash = await store_calls.acquire(
+        store, NS, "k", "host-b", "commit", nodes, 60_000, reclaim=True
+    )
+    state, expected = model.step(
+        state, model.AcquireRequest("k", "host-b", "commit", nodes, reclaim=True)
+    )
+    assert clash.outcome is expected.outcome is Outcome.REFUSED
+    assert {c.holder_job_id for c in clash.conflicts} == {"j"}
+
+
+async def test_the_first_grant_after_an_unnoticed_loss_falls_in_the_grace_period(
+    redis: Redis,
+) -> None:
+    """Redis loses its data between two sweeps: the very next acquire, before any sweep, is the
+    one that would start the namespace's token counter, so the replica looks at the epoch
+    first, notices the loss, and refuses it with GRACE."""
+    store = Store(redis, loss_grace_ms=60_000)
+    nodes = [NodeAccess("/a", WRITE, 0)]
+    granted = await store_calls.acquire(store, NS, "old", "host-a", "commit", nodes, 60_000)
+    assert granted.outcome is Outcome.GRANTED and store.deployment.id
+    await redis.flushall()
+    refused = await store_calls.acquire(store, NS, "new", "host-b", "commit", nodes, 60_000)
+    assert refused.outcome is Outcome.REFUSED
+    assert [c.kind for c in refused.conflicts] == [ConflictKind.GRACE]
+    reclaimed = await store_calls.acquire(
+        store, NS, "old", "host-a", "commit", nodes, 60_000, reclaim=True
+    )
+    assert reclaimed.outcome is Outcome.GRANTED
+    assert reclaimed.job is not None and granted.job is not None
+    assert reclaimed.job.fencing_token > granted.job.fencing_token

@@ -37,7 +37,7 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-from nac_server import model
+from nac_server import deployment, model
 from nac_server.embedded import RedisProcess
 from nac_server.history import Position
 from nac_server.keys import NAMESPACES_KEY, Keys
@@ -785,6 +785,9 @@ class LuaModelMachine(RuleBasedStateMachine):
             expected |= {keys.delays, keys.delayjobs}
         if self.last_notice.is_notice:
             expected |= {keys.contended, keys.notices}
+        if self.store.deployment.id:
+            # Set when the first grant looked at the deployment's epoch.
+            expected.add(deployment.ID_KEY)
         assert set(self.run(self.redis.keys("*"))) == expected
 
 

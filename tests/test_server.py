@@ -229,7 +229,8 @@ async def test_redis_down_gives_unavailable_and_recovers(namespace: str, tmp_pat
     """With Redis gone, calls fail with UNAVAILABLE; once it is back, scripts reload and serve."""
     redis = RedisProcess().start()
     try:
-        with ServerProcess(redis.url, log_path=tmp_path / "log") as server:
+        # No grace period after the loss: this is about reconnecting (see test_store_faults).
+        with ServerProcess(redis.url, "--loss-grace", "0", log_path=tmp_path / "log") as server:
             async with grpc.aio.insecure_channel(server.target) as channel:
                 stub = Stub(channel)
                 before = await stub.Acquire(request(namespace, "a", "h", access("/a", [W], [])))
@@ -247,13 +248,17 @@ async def test_redis_down_gives_unavailable_and_recovers(namespace: str, tmp_pat
                 # The store lost everything, yet neither the token nor the revision goes back.
                 assert reply.job.fencing_token > before.job.fencing_token
                 assert reply.revision > before.revision
-                # A watch resuming after the old revision hears that its history is gone.
-                with pytest.raises(grpc.aio.AioRpcError) as gone:
-                    async with asyncio.timeout(30):
-                        async for _ in stub.Watch(
-                            pb.WatchRequest(namespace=namespace, start_revision=before.revision + 1)
-                        ):
-                            break
+                # A watch resuming after the old revision hears that its history is gone (once
+                # the replica's event feed reads the new Redis: UNAVAILABLE until then).
+                resume = pb.WatchRequest(namespace=namespace, start_revision=before.revision + 1)
+                for _ in range(100):
+                    with pytest.raises(grpc.aio.AioRpcError) as gone:
+                        async with asyncio.timeout(30):
+                            async for _ in stub.Watch(resume):
+                                break
+                    if gone.value.code() != grpc.StatusCode.UNAVAILABLE:
+                        break
+                    await asyncio.sleep(0.1)
                 assert gone.value.code() == grpc.StatusCode.OUT_OF_RANGE
                 # The new Redis lost the namespace registry too; leases must still expire.
                 async with asyncio.timeout(30):

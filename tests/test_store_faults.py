@@ -15,7 +15,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nac_client import Action, Client, NodeAccess
+from nac_client import Action, Client, Conflict, ConflictKind, NodeAccess
 from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
 from nac_server.embedded import RedisProcess
 from nac_server.errors import store_unavailable
@@ -194,7 +194,10 @@ def test_a_store_that_lost_its_data_hands_out_no_old_token_and_ends_open_watches
         second = client.acquire([NodeAccess("/vol/second.qcow2", [R], [R])], operation="backup")
         assert next(watch).job.job_id == second.job_id
         admin.flushall()
-        after = client.acquire([NodeAccess(NODE, [W], [R])], operation="commit")
+        # Its holder takes it back in the grace period after the loss.
+        after = client.acquire(
+            [NodeAccess(NODE, [W], [R])], operation="commit", job_id=before.job_id, reclaim=True
+        )
         assert after.fencing_token > second.fencing_token > before.fencing_token
         with pytest.raises(grpc.RpcError) as ended:
             next(watch)
@@ -242,3 +245,55 @@ def test_waits_and_watches_answer_unavailable_while_redis_is_down(
         with pytest.raises(grpc.RpcError) as refused:
             next(late_watch)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()
+
+
+def test_after_a_loss_only_reclaims_are_granted_until_the_grace_period_ends(
+    store: RedisProcess, admin: redis.Redis
+) -> None:
+    """Redis loses everything while host A holds a job. For the grace period nothing new is
+    granted (GRACE, with its end), A's hold takes its job back by itself with a larger token,
+    a reclaim that conflicts with it is refused, and after the grace period jobs are granted
+    by the rule again."""
+    flags = ("--sweep-interval", "0.2", "--lock-delay", "0", "--loss-grace", "6")
+    with (
+        ServerProcess(store.url, *flags) as server,
+        Client(server.target, namespace="faults", owner="host-a") as host_a,
+        Client(server.target, namespace="faults", owner="host-b") as host_b,
+    ):
+        writer = [NodeAccess(NODE, [W], [R])]
+        with host_a.hold(writer, operation="commit", ttl=2.0) as held:
+            before = held.job.fencing_token
+            admin.flushall()
+            reader = [NodeAccess(NODE, [R], [R])]
+            # Each replica notices the loss within a sweep.
+            eventually(
+                lambda: any(
+                    c.kind is ConflictKind.GRACE for c in host_b.check(reader, operation="x")
+                )
+            )
+            with pytest.raises(Conflict) as refused:
+                host_b.acquire(reader, operation="backup")
+            [grace] = refused.value.conflicts
+            assert (grace.kind, grace.node, grace.holder_job_id) == (ConflictKind.GRACE, NODE, "")
+            assert grace.until is not None
+            # A's renewal finds its job gone and reclaims it: same job, new and larger token.
+            eventually(lambda: held.job.fencing_token != before)
+            assert held.job.fencing_token > before and not held.lost
+            assert [j.job_id for j in host_b.list_jobs()] == [held.job.job_id]
+            # Another reclaim is checked against it like any job.
+            with pytest.raises(Conflict) as clashing:
+                host_b.acquire(writer, operation="commit", job_id="b-old", reclaim=True)
+            assert clashing.value.conflicts[0].holder_job_id == held.job.job_id
+            eventually(
+                lambda: (
+                    not any(
+                        c.kind is ConflictKind.GRACE for c in host_b.check(reader, operation="x")
+                    )
+                ),
+                timeout=30,
+            )
+            # After the grace period, the rule alone: A's job still keeps writers out.
+            with pytest.raises(Conflict):
+                host_b.acquire(writer, operation="commit")
+        granted = host_b.acquire(writer, operation="commit")
+        assert granted.fencing_token > before

@@ -9,10 +9,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from nac_client._async import _backend
 from nac_client._errors import HoldLost, NacError
@@ -133,7 +133,12 @@ class AsyncHold:
             # the request and the answer, so renew now to know how long it lasts.
             lease = await self._renew_before_start(job.job_id, lease)
         self._renewer = LeaseRenewer(
-            self._client, job.job_id, lease, on_renewal=self._renewed, on_lost=self._declare_lost
+            self._client,
+            job.job_id,
+            lease,
+            on_renewal=self._renewed,
+            on_lost=self._declare_lost,
+            reclaim=self._reclaim,
         )
         self._renewer.start()
         return self
@@ -176,6 +181,33 @@ class AsyncHold:
     def _renewed(self, renewal: KeepAliveResult) -> None:
         self._renewal = renewal
 
+    async def _reclaim(self) -> Lease | None:
+        """After the store lost its data: takes the job back, with a new fencing token. The
+        new lease, or None if the job cannot be reclaimed."""
+        job = self.job
+        requested_at = _backend.monotonic()
+        try:
+            reclaimed = await self._client.acquire(
+                job.nodes,
+                operation=job.operation,
+                job_id=job.job_id,
+                ttl=job.ttl,
+                group=self._group,
+                reclaim=True,
+            )
+        except NacError as err:
+            log.warning("could not reclaim job %s: %s", job.job_id, err)
+            return None
+        log.warning(
+            "reclaimed job %s after the store lost its data: fencing token %d is now %d",
+            job.job_id,
+            job.fencing_token,
+            reclaimed.fencing_token,
+        )
+        self._job = reclaimed
+        self._renewal = None
+        return Lease(ttl=reclaimed.ttl.total_seconds(), renewed_at=requested_at)
+
     def _declare_lost(self, reason: str) -> None:
         if self._lost_reason is not None:
             return
@@ -187,6 +219,10 @@ class AsyncHold:
                 self._on_lost(self.job)
             except Exception:
                 log.exception("on_lost callback failed for job %s", self.job.job_id)
+
+
+# What a reclaim gives: the reclaimed job's lease, or None.
+MaybeLease: TypeAlias = Lease | None
 
 
 @dataclasses.dataclass(eq=False)
@@ -210,6 +246,8 @@ class LeaseRenewer:
     lease: Lease
     on_renewal: Callable[[KeepAliveResult], None]
     on_lost: Callable[[str], None]
+    # Takes the job back after the store lost its data; the new lease, or None.
+    reclaim: Callable[[], Awaitable[MaybeLease]] | None = None
     _stopping: _backend.Event = dataclasses.field(default_factory=_backend.Event, init=False)
     _background: _backend.Background | None = dataclasses.field(default=None, init=False)
     _stream: AsyncKeepAliveStream | None = dataclasses.field(default=None, init=False)
@@ -276,6 +314,13 @@ class LeaseRenewer:
             async for renewal in stream:
                 sent_at = self._in_flight.popleft() if self._in_flight else self.lease.renewed_at
                 if not renewal.alive:
+                    if renewal.grace_end is not None and self.reclaim is not None:
+                        lease = await self.reclaim()
+                        if lease is not None:
+                            self.lease = lease
+                            # A new stream for the reclaimed job.
+                            return None
+                        return "the store lost its data and the job could not be reclaimed"
                     return "the server reports that the job has ended"
                 ttl = renewal.ttl.total_seconds() if renewal.ttl is not None else self.lease.ttl
                 self.lease = self.lease.renewed(sent_at, ttl)

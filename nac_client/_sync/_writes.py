@@ -37,6 +37,7 @@ class JobCalls(ClientBase):
         ttl: timedelta | float | None = None,
         wait: timedelta | float | None = None,
         group: str = "",
+        reclaim: bool = False,
     ) -> Job:
         """Asks for all of a job's nodes at once, waiting in their queues if asked to.
 
@@ -51,6 +52,9 @@ class JobCalls(ClientBase):
                 wait plus the client's timeout; cancelling it leaves the queue at once.
             group: Jobs of one non-empty group never conflict with each other (one QEMU
                 process, say, which arbitrates its own operations); empty for none.
+            reclaim: Take back a job held before the store lost its data (same id, owner,
+                operation, nodes and masks): in the grace period after such a loss only
+                reclaims are granted. hold() reclaims by itself.
 
         Returns:
             The granted job, with its fencing token.
@@ -75,6 +79,7 @@ class JobCalls(ClientBase):
             ttl=to_timedelta(ttl),
             dry_run=False,
             group=group,
+            reclaim=reclaim,
         )
         if waiting:
             response = self._acquire_waiting(request, waiting)

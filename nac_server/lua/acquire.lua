@@ -5,8 +5,10 @@
 -- in request order: its node hash and its queue.
 -- ARGV[1] job id, ARGV[2] owner, ARGV[3] operation, ARGV[4] ttl in ms, ARGV[5] "1" for a dry run,
 -- ARGV[6] history caps "events,bytes,notices", ARGV[7] number of actions, ARGV[8] wait in ms (0: answer at once),
--- ARGV[9] waiter liveness in ms, ARGV[10] group ("" for none), ARGV[11..] per node: name,
--- require mask, allow mask.
+-- ARGV[9] waiter liveness in ms, ARGV[10] group ("" for none), ARGV[11] the end of a grace
+-- period after a loss of the store's data in ms (0: none), ARGV[12] "1" for a reclaim,
+-- ARGV[13] "1" once the caller has looked at the deployment's epoch for this call,
+-- ARGV[14..] per node: name, require mask, allow mask.
 --
 -- Returns {verdict, revision, record, extra, conflict...} (see answer in _lib), the verdict one of
 --   GRANTED         record: the job, which now holds every node
@@ -20,8 +22,12 @@
 --   QUEUED          waiting; extra: its position in each node's queue; conflicts; call again
 --                   to re-check
 --   DEADLOCK        queuing would close a cycle of waiting owners; extra: the cycle in words
+--   CHECK_EPOCH     nothing done: the namespace has no token counter (it is new, or the store
+--                   lost its data), so the caller looks at the epoch (a loss starts a grace
+--                   period) and calls again with ARGV[13] "1"
 -- A job conflicts with the holders and lost holders of its nodes, and with the jobs queued there
--- before it (fairness), except those of its own group. A retry of a granted call answers "existing", so no token is taken twice;
+-- before it (fairness), except those of its own group; during a grace period, every job but a
+-- reclaim is refused with one GRACE conflict per node. A retry of a granted call answers "existing", so no token is taken twice;
 -- a call for a queued job re-checks it in its place and refreshes its liveness.
 
 local keys, bad = script_keys('acquire')
@@ -30,9 +36,11 @@ if not keys then return bad end
 local job_id, owner, operation = ARGV[1], ARGV[2], ARGV[3]
 local ttl, dry_run, limits, nactions = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
 local wait, liveness, group = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local grace_end, reclaim = tonumber(ARGV[11]), ARGV[12] == '1'
+local epoch_checked = ARGV[13] == '1'
 
 local nodes = {}
-for i = 11, #ARGV, 3 do
+for i = 14, #ARGV, 3 do
   nodes[#nodes + 1] = {ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
 end
 bad = expect_key_count(keys, 2 * #nodes)
@@ -71,13 +79,31 @@ if not dry_run then
   end
 end
 
+-- A grant that would start the token counter could be the first after a loss the replicas have
+-- not noticed yet: they look first, so that it falls in the grace period.
+if not dry_run and not epoch_checked and redis.call('EXISTS', keys.fence) == 0 then
+  return answer(VERDICT.CHECK_EPOCH, current_revision(keys.rev))
+end
+
 local conflicts = {}
-for i, node in ipairs(nodes) do
-  if node_refuses(node_key(i), node[2], node[3], nactions, nil, group) then
-    explain_node(conflicts, keys, node_key(i), i, node[2], node[3], nactions, nil, group)
+if grace_end > 0 and not reclaim and now_ms() < grace_end then
+  -- Holders from before the loss may still be writing: only they may come back for now.
+  local nobody = {owner = '', op = ''}
+  for i, node in ipairs(nodes) do
+    local action = 5 -- READ_METADATA, for a node that requires nothing
+    for a = 1, nactions do
+      if has(node[2], a) then action = a break end
+    end
+    push_conflict(conflicts, i, action, KIND.GRACE, '', nobody, grace_end)
   end
-  explain_queue(conflicts, keys, queue_key(i), node[1], i, node[2], node[3], nactions,
-    waiting and waiting.seq or nil, group)
+else
+  for i, node in ipairs(nodes) do
+    if node_refuses(node_key(i), node[2], node[3], nactions, nil, group) then
+      explain_node(conflicts, keys, node_key(i), i, node[2], node[3], nactions, nil, group)
+    end
+    explain_queue(conflicts, keys, queue_key(i), node[1], i, node[2], node[3], nactions,
+      waiting and waiting.seq or nil, group)
+  end
 end
 
 if dry_run then
@@ -117,7 +143,7 @@ end
 local blocked, seen = {}, {}
 for g = 1, #conflicts, CONFLICT_WIDTH do
   local kind, holder_id, holder_owner = conflicts[g + 2], conflicts[g + 3], conflicts[g + 4]
-  if kind ~= KIND.LOCK_DELAY and not seen[holder_id] then
+  if kind ~= KIND.LOCK_DELAY and kind ~= KIND.GRACE and not seen[holder_id] then
     seen[holder_id] = true
     blocked[#blocked + 1] = {holder_owner, holder_id}
   end

@@ -140,6 +140,7 @@ class AcquireRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    RECLAIM_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     job_id: _builtins.str
     """Unique within the namespace: [A-Za-z0-9._:-]{1,128}. Empty lets the server choose one."""
@@ -155,6 +156,14 @@ class AcquireRequest(_message.Message):
     groups and of none are checked as usual. A lost job in lock-delay has left its group and
     blocks its group too. Part of the job: a retry with another group is ALREADY_EXISTS.
     1-256 bytes, no control characters; empty for none.
+    """
+    reclaim: _builtins.bool
+    """Take back a job held before the store lost its data (same id, owner, operation, nodes and
+    masks). After a loss every namespace has a grace period (see GRACE) in which only reclaims
+    are granted, each checked against the reclaims granted before it; it gets a new fencing
+    token, larger than any before the loss. Outside a grace period a reclaim is an ordinary
+    Acquire. The client library reclaims by itself when a renewal finds its job gone during a
+    grace period.
     """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeAccess]:
@@ -180,10 +189,11 @@ class AcquireRequest(_message.Message):
         dry_run: _builtins.bool = ...,
         wait: _duration_pb2.Duration | None = ...,
         group: _builtins.str = ...,
+        reclaim: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "group", b"group", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "group", b"group", "job_id", b"job_id", "namespace", b"namespace", "nodes", b"nodes", "operation", b"operation", "owner", b"owner", "reclaim", b"reclaim", "ttl", b"ttl", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,6 +222,10 @@ class Conflict(_message.Message):
         """
         WAITING_AHEAD: Conflict._Kind.ValueType  # 4
         """The holder is a job that queued earlier on the node and would conflict (fairness)."""
+        GRACE: Conflict._Kind.ValueType  # 5
+        """The store lost its data; until `until` nothing is granted but reclaims of jobs held
+        before, whose holders may still be writing. No holder is named.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Conflict.Kind.ValueType  # 0
@@ -225,6 +239,10 @@ class Conflict(_message.Message):
     """
     WAITING_AHEAD: Conflict.Kind.ValueType  # 4
     """The holder is a job that queued earlier on the node and would conflict (fairness)."""
+    GRACE: Conflict.Kind.ValueType  # 5
+    """The store lost its data; until `until` nothing is granted but reclaims of jobs held
+    before, whose holders may still be writing. No holder is named.
+    """
 
     NODE_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
@@ -676,6 +694,7 @@ class KeepAliveResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    GRACE_END_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     alive: _builtins.bool
     """False when the job has ended: its hold is lost and renewing again will not bring it back."""
@@ -684,6 +703,12 @@ class KeepAliveResponse(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def grace_end(self) -> _timestamp_pb2.Timestamp:
+        """With alive false: the store lost its data, and the job may be reclaimed (AcquireRequest.
+        reclaim) until this time, the end of the grace period. Unset otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -692,10 +717,11 @@ class KeepAliveResponse(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
         fencing_token: _builtins.int = ...,
+        grace_end: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "grace_end", b"grace_end", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "job_id", b"job_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "grace_end", b"grace_end", "job_id", b"job_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

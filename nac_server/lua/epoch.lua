@@ -1,0 +1,21 @@
+-- Epoch: notice, once for the whole deployment, that the store has lost its data.
+--
+-- KEYS[1] nac:{deployment}:id, KEYS[2] nac:{deployment}:grace (one Cluster slot).
+-- ARGV[1] the deployment id this replica knows ('' when it has just started), ARGV[2] a fresh
+-- id, ARGV[3] the grace period in ms.
+--
+-- Returns {id, end of the grace period in ms (0: none)}. The id is missing when the store is
+-- new or has lost its data. A replica that knew an id declares the loss: a new id, and a grace
+-- period from now in which only reclaims are granted. A replica that knew none cannot tell a
+-- loss from a new store and starts no grace period. Replicas that come later adopt both.
+
+local known, fresh, grace_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], fresh)
+  if known ~= '' and grace_ms > 0 then
+    redis.call('SET', KEYS[2], digits(now_ms() + grace_ms))
+  end
+  current = fresh
+end
+return {current, tonumber(redis.call('GET', KEYS[2]) or '0')}

@@ -20,6 +20,7 @@ from nac_server.connect import connect
 from nac_server.embedded import RedisProcess, default_data_dir
 from nac_server.expiry import Sweeper
 from nac_server.reads import Reads
+from nac_server.scripts import ReplicaAcks
 from nac_server.servicer import SERVICE, NodeAccessControl, add_to_server
 from nac_server.store import Store
 from nac_server.watch import EventHub
@@ -72,6 +73,7 @@ class Server:
             lock_delay_ms=limits.lock_delay_ms,
             waiter_liveness_ms=limits.waiter_liveness_ms,
             loss_grace_ms=limits.effective_loss_grace_ms,
+            replica_acks=ReplicaAcks(limits.min_replicas_ack, limits.replica_ack_timeout_ms),
         )
         self.health = health.aio.HealthServicer()
         self._healthy: bool | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nac_server.app import ServerConfig, serve
 from nac_server.config import Limits
-from nac_server.connect import UnsupportedDeployment, deployment_of
+from nac_server.connect import Deployment, UnsupportedDeployment, deployment_of, sentinel_parts
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,6 +68,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     option("--max-wait", float, defaults.max_wait_ms / 1000, "longest Acquire wait, seconds")
     option(
+        "--min-replicas-ack",
+        int,
+        defaults.min_replicas_ack,
+        "answer each change only once this many Redis replicas have it (WAIT), else UNAVAILABLE",
+    )
+    option(
+        "--replica-ack-timeout",
+        float,
+        defaults.replica_ack_timeout_ms / 1000,
+        "seconds to wait for --min-replicas-ack",
+    )
+    option(
         "--loss-grace",
         float,
         None,
@@ -98,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ("--lock-delay", 0 <= options.lock_delay <= 3600),
             ("--max-wait", options.max_wait >= 0),
             ("--loss-grace", options.loss_grace is None or 0 <= options.loss_grace <= 86400),
+            ("--min-replicas-ack", 0 <= options.min_replicas_ack <= 100),
+            ("--replica-ack-timeout", 0 < options.replica_ack_timeout <= 60),
         ]
         if not ok
     ]
@@ -105,7 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"out of range: {', '.join(problems)}")
     if options.redis_url:
         try:
-            deployment_of(options.redis_url)
+            if deployment_of(options.redis_url) is Deployment.SENTINEL:
+                sentinel_parts(options.redis_url)
         except UnsupportedDeployment as error:
             parser.error(f"--redis-url: {error}")
     return options
@@ -131,6 +146,8 @@ def config_from(options: argparse.Namespace) -> ServerConfig:
             lock_delay_ms=round(options.lock_delay * 1000),
             max_wait_ms=round(options.max_wait * 1000),
             loss_grace_ms=None if options.loss_grace is None else round(options.loss_grace * 1000),
+            min_replicas_ack=options.min_replicas_ack,
+            replica_ack_timeout_ms=round(options.replica_ack_timeout * 1000),
         ),
     )
 

@@ -32,6 +32,10 @@ class Limits:
     # longest lease plus the lock-delay, so every holder from before has either come back or
     # lost its lease and waited out its lock-delay.
     loss_grace_ms: int | None = None
+    # Each change is answered only once this many replicas have it (Redis WAIT), else
+    # UNAVAILABLE; 0 answers at once.
+    min_replicas_ack: int = 0
+    replica_ack_timeout_ms: int = 1_000
 
     @property
     def effective_loss_grace_ms(self) -> int:

@@ -7,6 +7,8 @@ field, owner, revision...). The client rebuilds typed errors from the code and t
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import redis.exceptions
 
@@ -67,6 +69,21 @@ class LeaseRanOut(NotFound):
         self.message = f"job {job_id} in {namespace} is no longer held: its lease has run out"
 
 
+class ReplicasBehind(NacError):
+    """A change made on the primary that too few replicas acknowledged in time: a failover now
+    could lose it, so it is not reported as done. Calls are idempotent: retry."""
+
+    reason = "REPLICAS_BEHIND"
+
+    def __init__(self, script: str, acknowledged: int, acks: Any) -> None:
+        super().__init__(
+            f"{script} was applied but acknowledged by {acknowledged} of {acks.replicas} "
+            f"replicas within {acks.timeout_ms} ms; retry (the call is idempotent)",
+            acknowledged=str(acknowledged),
+            required=str(acks.replicas),
+        )
+
+
 class Deadlock(NacError):
     reason = "DEADLOCK"
 
@@ -125,6 +142,7 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     Compacted: grpc.StatusCode.OUT_OF_RANGE,
     WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    ReplicasBehind: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.ConnectionError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.BusyLoadingError: grpc.StatusCode.UNAVAILABLE,

@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from nac_server.errors import ReplicasBehind
 from nac_server.keys import Keys
 from nac_server.records import Reply
 from nac_server.vocabulary import Verdict
@@ -31,6 +32,18 @@ def script_source(name: str) -> str:
     return "\n".join((folder / part).read_text() for part in (*_PRELUDE, f"{name}.lua"))
 
 
+# The scripts that change state; with replica acknowledgement on, each is followed by WAIT.
+_WRITERS = frozenset({"acquire", "release", "renew", "update", "unwait", "undelay"})
+
+
+@dataclass(frozen=True)
+class ReplicaAcks:
+    """How many replicas must have each change before it is answered, and how long to wait."""
+
+    replicas: int = 0
+    timeout_ms: int = 1_000
+
+
 @dataclass(frozen=True)
 class Scripts:
     acquire: AsyncScript
@@ -42,23 +55,35 @@ class Scripts:
     update: AsyncScript
     unwait: AsyncScript
     undelay: AsyncScript
+    redis: Redis
+    acks: ReplicaAcks
 
     @classmethod
-    def register(cls, redis: Redis) -> Scripts:
-        # One script file per field, named like it.
-        return cls(
-            **{
-                script.name: redis.register_script(script_source(script.name))
-                for script in fields(cls)
-            }
-        )
+    def register(cls, redis: Redis, acks: ReplicaAcks | None = None) -> Scripts:
+        # One script file per script field, named like it.
+        scripts = {
+            script.name: redis.register_script(script_source(script.name))
+            for script in fields(cls)
+            if script.name not in ("redis", "acks")
+        }
+        return cls(**scripts, redis=redis, acks=acks or ReplicaAcks())
 
     async def read(
         self, name: str, namespace: str, args: Sequence[Any], *node_lists: Sequence[str]
     ) -> Any:
         """Run a script that answers a plain list (the reads)."""
         script: AsyncScript = getattr(self, name)
-        return await script(keys=Keys(namespace).for_script(name, *node_lists), args=list(args))
+        keys = Keys(namespace).for_script(name, *node_lists)
+        if not self.acks.replicas or name not in _WRITERS:
+            return await script(keys=keys, args=list(args))
+        # WAIT counts the writes of its own connection: one pipeline, one connection.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=list(args), client=pipe)
+            pipe.wait(self.acks.replicas, self.acks.timeout_ms)
+            reply, acknowledged = await pipe.execute()
+        if int(acknowledged) < self.acks.replicas:
+            raise ReplicasBehind(name, int(acknowledged), self.acks)
+        return reply
 
     async def decide(
         self,

@@ -27,7 +27,7 @@ from nac_server.records import (
     decode_job,
     decode_waiter,
 )
-from nac_server.scripts import Scripts
+from nac_server.scripts import ReplicaAcks, Scripts
 from nac_server.validation import AcquireCommand, ForceReleaseCommand, JobCommand, UpdateCommand
 from nac_server.vocabulary import Verdict
 
@@ -144,6 +144,7 @@ class Store:
         history_bytes: int = 64 * 2**20,
         notice_history: int = 1_000,
         loss_grace_ms: int = 0,
+        replica_acks: ReplicaAcks | None = None,
     ) -> None:
         self.redis = redis
         # Noticing a loss of the store's data, and the grace period after it.
@@ -155,7 +156,7 @@ class Store:
         self.lock_delay_ms = lock_delay_ms
         # A queued job whose server stops re-checking it for this long leaves the queue.
         self.waiter_liveness_ms = waiter_liveness_ms
-        self.scripts = Scripts.register(redis)
+        self.scripts = Scripts.register(redis, replica_acks)
         self.log = EventLog(redis)
         self.namespaces = NamespaceRegistry(redis)
         self._node_lists = NodeListCache()

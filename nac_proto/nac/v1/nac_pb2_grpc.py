@@ -57,8 +57,15 @@ class NodeAccessControlStub:
     The watcher fell behind the event rate; resume from `resume_revision`.
     SHUTTING_DOWN (UNAVAILABLE; resume_revision)
     The server is shutting down; a watch resumes from `resume_revision` on another replica.
+    HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
+    history this store does not hold, as after a loss of its data).
     STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
-    The server could not reach Redis. Repeating the call is safe where the call says so.
+    The server could not reach Redis, or Redis could not serve (out of memory, busy, a
+    read-only replica after a failover). Repeating the call is safe where the call says so.
+    REPLICAS_BEHIND (UNAVAILABLE; acknowledged, required)
+    With --min-replicas-ack, the change was made on the primary but fewer replicas than
+    `required` had it in time, so a failover could still lose it. Repeating the call is
+    safe: an Acquire answers the same grant, a Release or Update what it did.
     """
 
     def __init__(self, channel):
@@ -155,8 +162,15 @@ class NodeAccessControlServicer:
     The watcher fell behind the event rate; resume from `resume_revision`.
     SHUTTING_DOWN (UNAVAILABLE; resume_revision)
     The server is shutting down; a watch resumes from `resume_revision` on another replica.
+    HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
+    history this store does not hold, as after a loss of its data).
     STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
-    The server could not reach Redis. Repeating the call is safe where the call says so.
+    The server could not reach Redis, or Redis could not serve (out of memory, busy, a
+    read-only replica after a failover). Repeating the call is safe where the call says so.
+    REPLICAS_BEHIND (UNAVAILABLE; acknowledged, required)
+    With --min-replicas-ack, the change was made on the primary but fewer replicas than
+    `required` had it in time, so a failover could still lose it. Repeating the call is
+    safe: an Acquire answers the same grant, a Release or Update what it did.
     """
 
     def Acquire(self, request, context):
@@ -393,8 +407,15 @@ class NodeAccessControl:
     The watcher fell behind the event rate; resume from `resume_revision`.
     SHUTTING_DOWN (UNAVAILABLE; resume_revision)
     The server is shutting down; a watch resumes from `resume_revision` on another replica.
+    HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
+    history this store does not hold, as after a loss of its data).
     STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
-    The server could not reach Redis. Repeating the call is safe where the call says so.
+    The server could not reach Redis, or Redis could not serve (out of memory, busy, a
+    read-only replica after a failover). Repeating the call is safe where the call says so.
+    REPLICAS_BEHIND (UNAVAILABLE; acknowledged, required)
+    With --min-replicas-ack, the change was made on the primary but fewer replicas than
+    `required` had it in time, so a failover could still lose it. Repeating the call is
+    safe: an Acquire answers the same grant, a Release or Update what it did.
     """
 
     @staticmethod

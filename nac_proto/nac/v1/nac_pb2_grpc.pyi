@@ -90,8 +90,15 @@ class NodeAccessControlStub:
           The watcher fell behind the event rate; resume from `resume_revision`.
       SHUTTING_DOWN (UNAVAILABLE; resume_revision)
           The server is shutting down; a watch resumes from `resume_revision` on another replica.
+      HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
+          history this store does not hold, as after a loss of its data).
       STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
-          The server could not reach Redis. Repeating the call is safe where the call says so.
+          The server could not reach Redis, or Redis could not serve (out of memory, busy, a
+          read-only replica after a failover). Repeating the call is safe where the call says so.
+      REPLICAS_BEHIND (UNAVAILABLE; acknowledged, required)
+          With --min-replicas-ack, the change was made on the primary but fewer replicas than
+          `required` had it in time, so a failover could still lose it. Repeating the call is
+          safe: an Acquire answers the same grant, a Release or Update what it did.
     """
 
     @_typing.overload
@@ -221,8 +228,15 @@ class NodeAccessControlAsyncStub(NodeAccessControlStub):
           The watcher fell behind the event rate; resume from `resume_revision`.
       SHUTTING_DOWN (UNAVAILABLE; resume_revision)
           The server is shutting down; a watch resumes from `resume_revision` on another replica.
+      HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
+          history this store does not hold, as after a loss of its data).
       STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
-          The server could not reach Redis. Repeating the call is safe where the call says so.
+          The server could not reach Redis, or Redis could not serve (out of memory, busy, a
+          read-only replica after a failover). Repeating the call is safe where the call says so.
+      REPLICAS_BEHIND (UNAVAILABLE; acknowledged, required)
+          With --min-replicas-ack, the change was made on the primary but fewer replicas than
+          `required` had it in time, so a failover could still lose it. Repeating the call is
+          safe: an Acquire answers the same grant, a Release or Update what it did.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -348,8 +362,15 @@ class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
           The watcher fell behind the event rate; resume from `resume_revision`.
       SHUTTING_DOWN (UNAVAILABLE; resume_revision)
           The server is shutting down; a watch resumes from `resume_revision` on another replica.
+      HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
+          history this store does not hold, as after a loss of its data).
       STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
-          The server could not reach Redis. Repeating the call is safe where the call says so.
+          The server could not reach Redis, or Redis could not serve (out of memory, busy, a
+          read-only replica after a failover). Repeating the call is safe where the call says so.
+      REPLICAS_BEHIND (UNAVAILABLE; acknowledged, required)
+          With --min-replicas-ack, the change was made on the primary but fewer replicas than
+          `required` had it in time, so a failover could still lose it. Repeating the call is
+          safe: an Acquire answers the same grant, a Release or Update what it did.
     """
 
     @_abc_1.abstractmethod

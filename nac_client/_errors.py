@@ -228,6 +228,7 @@ _CLASS_OF_REASON: dict[str, type[NacError]] = {
     "WATCHER_TOO_SLOW": WatcherTooSlow,
     "SHUTTING_DOWN": Unavailable,
     "STORE_UNAVAILABLE": Unavailable,
+    "REPLICAS_BEHIND": Unavailable,
     "DEADLOCK": Deadlock,
     "NO_CREDENTIALS": Unauthenticated,
     "NOT_OPERATOR": PermissionDenied,

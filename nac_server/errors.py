@@ -7,8 +7,6 @@ field, owner, revision...). The client rebuilds typed errors from the code and t
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 import redis.exceptions
 
@@ -75,12 +73,12 @@ class ReplicasBehind(NacError):
 
     reason = "REPLICAS_BEHIND"
 
-    def __init__(self, script: str, acknowledged: int, acks: Any) -> None:
+    def __init__(self, script: str, acknowledged: int, required: int, timeout_ms: int) -> None:
         super().__init__(
-            f"{script} was applied but acknowledged by {acknowledged} of {acks.replicas} "
-            f"replicas within {acks.timeout_ms} ms; retry (the call is idempotent)",
+            f"{script} was applied but acknowledged by {acknowledged} of {required} "
+            f"replicas within {timeout_ms} ms; retry (the call is idempotent)",
             acknowledged=str(acknowledged),
-            required=str(acks.replicas),
+            required=str(required),
         )
 
 

@@ -468,6 +468,16 @@ def _acquire(state: State, request: AcquireRequest) -> tuple[State, Response]:
         return after, Response(Outcome.GRANTED, after.revision, job)
     blocked = _blocked_by(conflicts)
     if queued is not None:
+        # What keeps it out may have changed since it queued (a conversion, other waiters): a
+        # cycle closed meanwhile is reported now, and the job leaves the queue.
+        cycle = _find_cycle(state, request.job_id, request.owner, blocked)
+        if cycle:
+            after = state.emit(
+                EventType.WAIT_ENDED,
+                queued.job.job_id,
+                waiters=tuple(w for w in state.waiters if w.job.job_id != queued.job.job_id),
+            )
+            return after, Response(Outcome.DEADLOCK, after.revision, cycle=cycle)
         rechecked = replace(queued, blocked=blocked)
         after = replace(
             state,

@@ -82,7 +82,7 @@ class Scripts:
             pipe.wait(self.acks.replicas, self.acks.timeout_ms)
             reply, acknowledged = await pipe.execute()
         if int(acknowledged) < self.acks.replicas:
-            raise ReplicasBehind(name, int(acknowledged), self.acks)
+            raise ReplicasBehind(name, int(acknowledged), self.acks.replicas, self.acks.timeout_ms)
         return reply
 
     async def decide(

@@ -112,6 +112,7 @@ MUST_REACH = (
     "acquire QUEUED (re-check kept its place)",
     "acquire GRANTED from the queue",
     "acquire DEADLOCK",
+    "acquire DEADLOCK on a re-check",
     "conflict LOCK_DELAY",
     "conflict WAITING_AHEAD",
     "update UPDATED",
@@ -339,6 +340,8 @@ class LuaModelMachine(RuleBasedStateMachine):
             branch += " (re-check kept its place)" if was_queued else " (new waiter)"
         if expected.outcome is Outcome.GRANTED and was_queued:
             self.reach("acquire GRANTED from the queue")
+        if expected.outcome is Outcome.DEADLOCK and was_queued:
+            self.reach("acquire DEADLOCK on a re-check")
         self.reach(branch)
         return stored
 
@@ -858,7 +861,7 @@ def branch_walk(m: LuaModelMachine) -> list[Step]:
 
         return leave
 
-    a, b, c = NODES[:3]
+    a, b, c, d = NODES[:4]
     return [
         (acquire("j0", "host-a", sole(a)), ("acquire GRANTED",)),
         # The first refusal of a pair always tells the holder; a dry run never does.
@@ -909,6 +912,19 @@ def branch_walk(m: LuaModelMachine) -> list[Step]:
         (acquire("j3", "host-a", sole(a), group="qemu-1"), ("acquire GRANTED beside its group",)),
         (partial(m.do_release, "j3", "host-a"), ()),
         (partial(m.do_release, "j7", "host-a"), ()),
+        # host-a waits for host-b; host-b waits for host-c only, until host-a's conversion puts
+        # it in host-b's way too: the re-check finds the cycle.
+        (acquire("j0", "host-b", sole(a)), ("acquire GRANTED",)),
+        (acquire("j1", "host-a", sole(c)), ("acquire GRANTED",)),
+        (acquire("j2", "host-a", sole(a), wait=True), ("acquire QUEUED (new waiter)",)),
+        (acquire("j3", "host-c", shared(d)), ("acquire GRANTED",)),
+        (acquire("j4", "host-b", sole(d), wait=True), ("acquire QUEUED (new waiter)",)),
+        (update("j1", sole(c), shared(d)), ("update UPDATED",)),
+        (acquire("j4", "host-b", sole(d), wait=True), ("acquire DEADLOCK on a re-check",)),
+        (unwait("j2"), ("unwait left",)),
+        (partial(m.do_release, "j0", "host-b"), ()),
+        (partial(m.do_release, "j1", "host-a"), ()),
+        (partial(m.do_release, "j3", "host-c"), ()),
     ]
 
 

@@ -1013,11 +1013,12 @@ def test_recheck_keeps_the_place_and_notes_who_is_in_the_way() -> None:
         ("w1", 1, (("host-a", "r1"),)),
         ("r2", 2, (("host-b", "w1"),)),
     ]
-    # The reader in w1's way converts to a job that keeps w1 out with another holder's help.
+    # The reader in w1's way converts to a job that keeps w1 out with another holder's help
+    # (an owner that waits for nobody, so no cycle closes).
     state, _ = run(
         state,
-        acquire("s1", "host-c", on(A, SHARER)),
-        UpdateRequest("s1", "host-c", nodes_of(on(A, READER))),
+        acquire("s1", "host-d", on(A, SHARER)),
+        UpdateRequest("s1", "host-d", nodes_of(on(A, READER))),
     )
     after, answer = step(state, QUEUE[1])
     assert answer.outcome is Outcome.QUEUED
@@ -1027,7 +1028,7 @@ def test_recheck_keeps_the_place_and_notes_who_is_in_the_way() -> None:
         state.last_seq,
         state.events,
     )
-    assert after.waiters[0] == Waiter(state.waiters[0].job, 1, (("host-a", "r1"), ("host-c", "s1")))
+    assert after.waiters[0] == Waiter(state.waiters[0].job, 1, (("host-a", "r1"), ("host-d", "s1")))
     assert after.waiters[1] == state.waiters[1]
 
 
@@ -1195,3 +1196,23 @@ def test_random_histories_keep_the_invariants(history: list[Request]) -> None:
         looser = tuple(NodeAccess(a.node, 0, ALL_MASK) for a in job.nodes[:1])
         _, answer = step(state, UpdateRequest(job.job_id, job.owner, looser))
         assert answer.outcome in (Outcome.UPDATED, Outcome.UNCHANGED)
+
+
+def test_a_cycle_closed_by_a_conversion_is_reported_at_the_re_check() -> None:
+    """w1 (host-b) waits for r1; r2 (host-c) queued behind w1. host-c's own holder then
+    converts into w1's way: host-b waits for host-c, which waits for host-b. The re-check of w1
+    answers DEADLOCK, and w1 leaves the queue with WAIT_ENDED."""
+    state, _ = run(State(), *QUEUE, acquire("r2", "host-c", on(A, READER), wait=True))
+    state, _ = run(
+        state,
+        acquire("s1", "host-c", on(A, SHARER)),
+        UpdateRequest("s1", "host-c", nodes_of(on(A, READER))),
+    )
+    after, answer = step(state, QUEUE[1])
+    assert answer.outcome is Outcome.DEADLOCK
+    assert answer.cycle == (
+        "host-b (job w1) waits for job s1 of host-c; host-c (job r2) waits for job w1 of host-b"
+    )
+    assert [w.job.job_id for w in after.waiters] == ["r2"]
+    assert after.events[-1] == Event(after.revision, EventType.WAIT_ENDED, "w1")
+    assert answer.revision == after.revision == state.revision + 1

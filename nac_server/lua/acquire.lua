@@ -21,7 +21,9 @@
 --   REFUSED         conflicts as flat groups (see _lib)
 --   QUEUED          waiting; extra: its position in each node's queue; conflicts; call again
 --                   to re-check
---   DEADLOCK        queuing would close a cycle of waiting owners; extra: the cycle in words
+--   DEADLOCK        queuing would close a cycle of waiting owners, or a re-check of a queued
+--                   job finds one closed since (it then leaves the queue with WAIT_ENDED);
+--                   extra: the cycle in words
 --   CHECK_EPOCH     nothing done: the namespace has no token counter (it is new, or the store
 --                   lost its data), so the caller looks at the epoch (a loss starts a grace
 --                   period) and calls again with ARGV[13] "1"
@@ -188,6 +190,14 @@ end
 
 local waiter_json
 if waiting then
+  -- What keeps it out may have changed since it queued (a conversion, other waiters): a cycle
+  -- closed meanwhile is reported now, and the job leaves the queue.
+  local cycle = find_cycle()
+  if cycle then
+    leave_queue()
+    emit(keys, limits, EVENT.WAIT_ENDED, cjson.encode(waiting), now)
+    return answer(VERDICT.DEADLOCK, current_revision(keys.rev), nil, cycle)
+  end
   -- Same nodes, perhaps in another order: keep this call's, which the conflicts index.
   waiting.nodes = nodes
   waiting.blocked = blocked

@@ -85,13 +85,12 @@ class NodeAccessControlStub:
           An operator call's admin token is wrong, or the server has none.
       HISTORY_COMPACTED (OUT_OF_RANGE; revision, oldest_revision)
           Watch asked to start at `revision`, older than the oldest kept change, `oldest_revision`:
-          take a snapshot instead.
+          take a snapshot instead. Also the answer to a start_revision after the current revision
+          (a history this store does not hold, as after a loss of its data).
       WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED; resume_revision)
           The watcher fell behind the event rate; resume from `resume_revision`.
       SHUTTING_DOWN (UNAVAILABLE; resume_revision)
           The server is shutting down; a watch resumes from `resume_revision` on another replica.
-      HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
-          history this store does not hold, as after a loss of its data).
       STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
           The server could not reach Redis, or Redis could not serve (out of memory, busy, a
           read-only replica after a failover). Repeating the call is safe where the call says so.
@@ -223,13 +222,12 @@ class NodeAccessControlAsyncStub(NodeAccessControlStub):
           An operator call's admin token is wrong, or the server has none.
       HISTORY_COMPACTED (OUT_OF_RANGE; revision, oldest_revision)
           Watch asked to start at `revision`, older than the oldest kept change, `oldest_revision`:
-          take a snapshot instead.
+          take a snapshot instead. Also the answer to a start_revision after the current revision
+          (a history this store does not hold, as after a loss of its data).
       WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED; resume_revision)
           The watcher fell behind the event rate; resume from `resume_revision`.
       SHUTTING_DOWN (UNAVAILABLE; resume_revision)
           The server is shutting down; a watch resumes from `resume_revision` on another replica.
-      HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
-          history this store does not hold, as after a loss of its data).
       STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
           The server could not reach Redis, or Redis could not serve (out of memory, busy, a
           read-only replica after a failover). Repeating the call is safe where the call says so.
@@ -357,13 +355,12 @@ class NodeAccessControlServicer(metaclass=_abc_1.ABCMeta):
           An operator call's admin token is wrong, or the server has none.
       HISTORY_COMPACTED (OUT_OF_RANGE; revision, oldest_revision)
           Watch asked to start at `revision`, older than the oldest kept change, `oldest_revision`:
-          take a snapshot instead.
+          take a snapshot instead. Also the answer to a start_revision after the current revision
+          (a history this store does not hold, as after a loss of its data).
       WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED; resume_revision)
           The watcher fell behind the event rate; resume from `resume_revision`.
       SHUTTING_DOWN (UNAVAILABLE; resume_revision)
           The server is shutting down; a watch resumes from `resume_revision` on another replica.
-      HISTORY_COMPACTED is also the answer to a start_revision after the current revision (a
-          history this store does not hold, as after a loss of its data).
       STORE_UNAVAILABLE (UNAVAILABLE; no metadata)
           The server could not reach Redis, or Redis could not serve (out of memory, busy, a
           read-only replica after a failover). Repeating the call is safe where the call says so.

@@ -151,7 +151,7 @@ class Store:
         self.deployment = Deployment(redis, loss_grace_ms)
         # The caps of the two streams, as the scripts take them: the history keeps at most this
         # many changes and bytes; notices are capped (approximately) on their own.
-        self.history = f"{history},{history_bytes},{notice_history}"
+        self._caps = f"{history},{history_bytes},{notice_history}"
         # The namespace default when its config names none.
         self.lock_delay_ms = lock_delay_ms
         # A queued job whose server stops re-checking it for this long leaves the queue.
@@ -160,6 +160,11 @@ class Store:
         self.log = EventLog(redis)
         self.namespaces = NamespaceRegistry(redis)
         self._node_lists = NodeListCache()
+
+    @property
+    def history(self) -> str:
+        """The scripts' history argument: the caps, then the counter floor."""
+        return f"{self._caps},{self.deployment.floor_us}"
 
     async def acquire(self, command: AcquireCommand, wait_ms: int | None = None) -> Response:
         """Grant, refuse or queue (with a wait); calling again for a queued job re-checks it

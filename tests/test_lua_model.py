@@ -790,7 +790,7 @@ class LuaModelMachine(RuleBasedStateMachine):
             expected |= {keys.contended, keys.notices}
         if self.store.deployment.id:
             # Set when the first grant looked at the deployment's epoch.
-            expected.add(deployment.ID_KEY)
+            expected |= {deployment.ID_KEY, deployment.RUN_KEY}
         assert set(self.run(self.redis.keys("*"))) == expected
 
 

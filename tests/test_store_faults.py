@@ -6,16 +6,18 @@ Each test has a Redis and a server of its own: the faults are made by reconfigur
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nac_client import Action, Client, Conflict, ConflictKind, NodeAccess
+from nac_client import Action, Client, Conflict, ConflictKind, Job, NodeAccess
 from nac_proto.nac.v1 import nac_pb2, nac_pb2_grpc
 from nac_server.embedded import RedisProcess
 from nac_server.errors import store_unavailable
@@ -297,3 +299,56 @@ def test_after_a_loss_only_reclaims_are_granted_until_the_grace_period_ends(
                 host_b.acquire(writer, operation="commit")
         granted = host_b.acquire(writer, operation="commit")
         assert granted.fencing_token > before
+
+
+def test_a_redis_restarted_from_older_files_hands_out_no_token_or_revision_twice(
+    tmp_path: Path,
+) -> None:
+    """Redis comes back from files that lack its last writes (an append-only file synced once a
+    second, or a replica promoted by a failover): the deployment id survives, so this is no
+    loss of everything, but the counters in the files are behind what was handed out. The new
+    Redis process has another run_id; the replicas raise a floor above the clock, and the next
+    token and revision are above every earlier one."""
+    data, older = tmp_path / "data", tmp_path / "older"
+    first = RedisProcess(data_dir=data).start()
+    port = first.port
+    flags = ("--sweep-interval", "0.2", "--lock-delay", "0", "--loss-grace", "0")
+    try:
+        with (
+            ServerProcess(first.url, *flags) as server,
+            Client(server.target, namespace="files", owner="host-a") as client,
+        ):
+
+            def grant(index: int) -> Job:
+                nodes = [NodeAccess(f"/vol/{index}.qcow2", [W], [R])]
+                return client.acquire(nodes, operation="commit")
+
+            grant(0)
+            first.stop()
+            shutil.copytree(data, older)
+            second = RedisProcess(data_dir=data, port=port).start()
+            eventually(lambda: _serving(client))
+            handed_out = [grant(index) for index in range(1, 4)]
+            revision = client.get_node("/vol/3.qcow2").revision
+            # Killed, as a crash would: what it wrote is in data/, not in older/.
+            assert second.process is not None
+            second.process.kill()
+            second.process.wait()
+            second.process = None
+            first = RedisProcess(data_dir=older, port=port).start()
+            admin = redis.Redis(port=port, decode_responses=True)
+            # The replicas look within a sweep.
+            eventually(lambda: admin.exists("nac:{deployment}:floor") == 1)
+            after = grant(4)
+            assert after.fencing_token > max(job.fencing_token for job in handed_out)
+            assert client.get_node("/vol/4.qcow2").revision > revision
+    finally:
+        first.stop()
+
+
+def _serving(client: Client) -> bool:
+    try:
+        client.check([NodeAccess("/vol/probe.qcow2", [R], [R])], operation="probe")
+    except Exception:
+        return False
+    return True

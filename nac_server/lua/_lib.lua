@@ -35,13 +35,17 @@ end
 -- missing (a new namespace, or a store that lost its data) starts from the store's clock in
 -- microseconds, so it never goes back: every value handed out before the loss was at most the
 -- clock when its counter started plus the grants since, and a store grants far fewer than one
--- a microsecond (see the proto's Job.fencing_token). Returns the value and whether the counter
--- started with it.
-local function next_counter(key)
-  local started = redis.call('EXISTS', key) == 0
+-- a microsecond (see the proto's Job.fencing_token). floor (0: none) is where counters must
+-- be above since this Redis process may have lost its last writes (see epoch.lua). Returns the
+-- value and whether the counter started with it.
+local function next_counter(key, floor)
+  local value = redis.call('GET', key)
+  local started = not value
   if started then
     local t = redis.call('TIME')
-    redis.call('SET', key, digits(tonumber(t[1]) * 1000000 + tonumber(t[2])))
+    redis.call('SET', key, digits(math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), floor)))
+  elseif floor > tonumber(value) then
+    redis.call('SET', key, digits(floor))
   end
   return redis.call('INCR', key), started
 end
@@ -236,12 +240,14 @@ local function remove_holder(node_key, field, nactions, group)
   redis.call('HDEL', node_key, field)
 end
 
--- The history caps travel as one argument, "events,bytes,notices".
+-- The history caps travel as one argument, "events,bytes,notices,floor", with the counter
+-- floor of next_counter last.
 local function history_limits(arg)
-  local first = string.find(arg, ',', 1, true)
-  local second = string.find(arg, ',', first + 1, true)
-  return tonumber(string.sub(arg, 1, first - 1)), tonumber(string.sub(arg, first + 1, second - 1)),
-    tonumber(string.sub(arg, second + 1))
+  local values = {}
+  for part in string.gmatch(arg, '[^,]+') do
+    values[#values + 1] = tonumber(part)
+  end
+  return values[1], values[2], values[3], values[4] or 0
 end
 
 local function entry_size(flat)
@@ -257,8 +263,8 @@ end
 -- oldest events go while the history holds more than its cap of events or of bytes; the newest
 -- one always stays.
 local function emit(keys, limits, event_type, record_json, now, extra)
-  local max_events, max_bytes = history_limits(limits)
-  local revision, started = next_counter(keys.rev)
+  local max_events, max_bytes, _, floor = history_limits(limits)
+  local revision, started = next_counter(keys.rev, floor)
   local fields = {'type', event_type, 'job', record_json, 't', now}
   if started then
     -- The first event of the history: nothing before it was lost to a trim.

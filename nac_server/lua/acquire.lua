@@ -129,7 +129,7 @@ if #conflicts == 0 then
   if waiting then leave_queue() end
   local record = {
     id = job_id, owner = owner, op = operation, nodes = nodes,
-    token = digits((next_counter(keys.fence))), acq = now, exp = now + ttl, ttl = ttl, group = group,
+    token = digits((next_counter(keys.fence, select(4, history_limits(limits))))), acq = now, exp = now + ttl, ttl = ttl, group = group,
   }
   local record_json = cjson.encode(record)
   redis.call('HSET', keys.jobs, job_id, record_json)

@@ -33,7 +33,10 @@ than the clock at the loss, where the new counter starts. The argument assumes t
 clock does not go back across the loss. So revisions are large numbers, not counts from 1,
 and the first event of a history says it is the first: a watch that starts at revision 1 (the
 start of the history) gets OUT_OF_RANGE once that event has been trimmed, and a watch resuming
-from a revision before a loss gets OUT_OF_RANGE (its history is gone; take a snapshot).
+from a revision before a loss gets OUT_OF_RANGE (its history is gone; take a snapshot). When
+another Redis process takes over with data that may lack the last writes (restarted from its
+files, or a replica promoted by a failover), the replicas notice its run_id within a sweep and
+move every counter above the clock at that moment, by the same argument.
 """
 
 from collections import abc as _abc

@@ -7,13 +7,14 @@ vocabulary and the shared helpers ahead of its own text, and its KEYS from SCRIP
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from nac_server.errors import ReplicasBehind
 from nac_server.keys import Keys
@@ -31,6 +32,16 @@ def script_source(name: str) -> str:
     folder = resources.files("nac_server") / "lua"
     return "\n".join((folder / part).read_text() for part in (*_PRELUDE, f"{name}.lua"))
 
+
+class _HistoryArgument:
+    """Stands in a script's arguments for the history caps and counter floor, filled in at each
+    attempt: a new-server hook may raise the floor between two."""
+
+    def __repr__(self) -> str:
+        return "HISTORY"
+
+
+HISTORY = _HistoryArgument()
 
 # The scripts that change state; with replica acknowledgement on, each is followed by WAIT.
 _WRITERS = frozenset({"acquire", "release", "renew", "update", "unwait", "undelay"})
@@ -57,16 +68,46 @@ class Scripts:
     undelay: AsyncScript
     redis: Redis
     acks: ReplicaAcks
+    # Run before a script is loaded again: a Redis without the scripts is another process
+    # (restarted, or a promoted replica), which may lack the last writes (see deployment.py).
+    on_new_server: Callable[[], Awaitable[object]] | None = None
+    # What HISTORY stands for at each attempt.
+    history: Callable[[], str] = lambda: ""
 
     @classmethod
-    def register(cls, redis: Redis, acks: ReplicaAcks | None = None) -> Scripts:
+    def register(
+        cls,
+        redis: Redis,
+        acks: ReplicaAcks | None = None,
+        on_new_server: Callable[[], Awaitable[object]] | None = None,
+        history: Callable[[], str] = lambda: "",
+    ) -> Scripts:
         # One script file per script field, named like it.
         scripts = {
             script.name: redis.register_script(script_source(script.name))
             for script in fields(cls)
-            if script.name not in ("redis", "acks")
+            if script.name not in ("redis", "acks", "on_new_server", "history")
         }
-        return cls(**scripts, redis=redis, acks=acks or ReplicaAcks())
+        return cls(
+            **scripts,
+            redis=redis,
+            acks=acks or ReplicaAcks(),
+            on_new_server=on_new_server,
+            history=history,
+        )
+
+    def _filled(self, args: Sequence[Any]) -> list[Any]:
+        return [self.history() if arg is HISTORY else arg for arg in args]
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA; on NOSCRIPT, the new-server hook, then load and run once more."""
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *self._filled(args))
+        except NoScriptError:
+            if self.on_new_server is not None:
+                await self.on_new_server()
+            await self.redis.script_load(script.script)
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *self._filled(args))
 
     async def read(
         self, name: str, namespace: str, args: Sequence[Any], *node_lists: Sequence[str]
@@ -75,10 +116,10 @@ class Scripts:
         script: AsyncScript = getattr(self, name)
         keys = Keys(namespace).for_script(name, *node_lists)
         if not self.acks.replicas or name not in _WRITERS:
-            return await script(keys=keys, args=list(args))
+            return await self._run(script, keys, list(args))
         # WAIT counts the writes of its own connection: one pipeline, one connection.
         async with self.redis.pipeline(transaction=False) as pipe:
-            await script(keys=keys, args=list(args), client=pipe)
+            await script(keys=keys, args=self._filled(args), client=pipe)
             pipe.wait(self.acks.replicas, self.acks.timeout_ms)
             reply, acknowledged = await pipe.execute()
         if int(acknowledged) < self.acks.replicas:

@@ -27,7 +27,7 @@ from nac_server.records import (
     decode_job,
     decode_waiter,
 )
-from nac_server.scripts import ReplicaAcks, Scripts
+from nac_server.scripts import HISTORY, ReplicaAcks, Scripts
 from nac_server.validation import AcquireCommand, ForceReleaseCommand, JobCommand, UpdateCommand
 from nac_server.vocabulary import Verdict
 
@@ -156,7 +156,9 @@ class Store:
         self.lock_delay_ms = lock_delay_ms
         # A queued job whose server stops re-checking it for this long leaves the queue.
         self.waiter_liveness_ms = waiter_liveness_ms
-        self.scripts = Scripts.register(redis, replica_acks)
+        self.scripts = Scripts.register(
+            redis, replica_acks, self.deployment.check, lambda: self.history
+        )
         self.log = EventLog(redis)
         self.namespaces = NamespaceRegistry(redis)
         self._node_lists = NodeListCache()
@@ -173,7 +175,7 @@ class Store:
             await self.namespaces.register(command.namespace)
         wait = command.wait_ms if wait_ms is None else wait_ms
         args = [command.job_id, command.owner, command.operation, command.ttl_ms]
-        args += [int(command.dry_run), self.history, ACTION_COUNT, wait, self.waiter_liveness_ms]
+        args += [int(command.dry_run), HISTORY, ACTION_COUNT, wait, self.waiter_liveness_ms]
         names = [access.node for access in command.nodes]
         epoch_checked = False
         while True:
@@ -220,7 +222,7 @@ class Store:
         reason: str = "",
         actor: str = "",
     ) -> Response:
-        args = [job_id, owner, mode, self.history, ACTION_COUNT, self.lock_delay_ms, reason, actor]
+        args = [job_id, owner, mode, HISTORY, ACTION_COUNT, self.lock_delay_ms, reason, actor]
         reply = await self.scripts.decide("release", namespace, args, [nodes], _node_names)
         return _response(reply, _END)
 
@@ -229,7 +231,7 @@ class Store:
         cached one is stale)."""
         current = self._node_lists.take(command.namespace, command.job_id)
         wanted = [access.node for access in command.nodes]
-        args = [command.job_id, command.owner, int(command.dry_run), self.history, ACTION_COUNT]
+        args = [command.job_id, command.owner, int(command.dry_run), HISTORY, ACTION_COUNT]
         reply = await self.scripts.decide(
             "update",
             command.namespace,
@@ -246,13 +248,13 @@ class Store:
         self, namespace: str, job_id: str, nodes: Sequence[str], lapsed: bool = False
     ) -> bool:
         """Take a queued job out of its queues; False if it was not queued (any more)."""
-        args = [job_id, "lapsed" if lapsed else "leave", self.history]
+        args = [job_id, "lapsed" if lapsed else "leave", HISTORY]
         reply = await self.scripts.decide("unwait", namespace, args, [nodes], _node_names)
         return reply.verdict is Verdict.RELEASED
 
     async def end_delay(self, namespace: str, job: Job) -> bool:
         """End a lock-delay that is over; False if there was none or it is still running."""
-        args = [job.job_id, self.history, ACTION_COUNT]
+        args = [job.job_id, HISTORY, ACTION_COUNT]
         nodes = [access.node for access in job.nodes]
         reply = await self.scripts.decide("undelay", namespace, args, [nodes], _node_names)
         return reply.verdict is Verdict.RELEASED

@@ -35,8 +35,9 @@ and the first event of a history says it is the first: a watch that starts at re
 start of the history) gets OUT_OF_RANGE once that event has been trimmed, and a watch resuming
 from a revision before a loss gets OUT_OF_RANGE (its history is gone; take a snapshot). When
 another Redis process takes over with data that may lack the last writes (restarted from its
-files, or a replica promoted by a failover), the replicas notice its run_id within a sweep and
-move every counter above the clock at that moment, by the same argument.
+files, or a replica promoted by a failover), the replicas notice its run_id before their first
+script call to it (it lacks the scripts) and move every counter above the clock at that
+moment, by the same argument.
 """
 
 from collections import abc as _abc

@@ -597,6 +597,16 @@ def acquire(
     name = operation or os.path.basename(command[0])
     outcome: Outcome | None = None
     with settings.client() as client:
+        # Others may be granted the nodes once the lock-delay after a lost lease ends: a command
+        # still running past it would write beside them.
+        lock_delay = client.get_namespace_config().lock_delay.total_seconds()
+        if 0 < lock_delay < grace:
+            warn(
+                f"--grace {grace:g}s is longer than the namespace's lock-delay "
+                f"({lock_delay:g}s): a command whose lease is lost gets SIGKILL after "
+                f"{lock_delay:g}s"
+            )
+            grace = lock_delay
         hold = client.hold(
             accesses, operation=name, job_id=job_id, ttl=ttl, wait=wait or None, group=group
         )

@@ -718,3 +718,39 @@ def test_acquire_kills_the_command_and_exits_8_when_force_released(
     assert time.monotonic() - started < 30
     assert f"lease on job {held['job_id']} lost" in err
     wait_until(lambda: not _alive(int(pid_file.read_text())))
+
+
+def test_acquire_bounds_grace_by_the_lock_delay(admin_cli: Nacctl, tmp_path: Path) -> None:
+    """After a lost lease, others may have the nodes once the lock-delay ends: a command that
+    ignores SIGTERM is killed by then, not after a longer --grace."""
+    with Client(
+        admin_cli.target, namespace=admin_cli.namespace, owner="op", admin_token=ADMIN_TOKEN
+    ) as operator:
+        operator.configure_namespace(lock_delay=1.0)
+    pid_file = tmp_path / "pid"
+    running = admin_cli.popen(
+        "acquire",
+        "--grace",
+        "30",
+        "--node",
+        NODE,
+        "--require",
+        "write",
+        "--",
+        "sh",
+        "-c",
+        f"trap '' TERM; echo $$ > {pid_file}; while :; do sleep 0.2; done",
+    )
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+        [held] = admin_cli.json("jobs")["jobs"]
+        forced = admin_cli(
+            "force-release", held["job_id"], "--reason", "test", admin_token=ADMIN_TOKEN
+        )
+        assert forced.returncode == 0, forced.stderr
+        _, err = running.communicate(timeout=25)
+    finally:
+        running.kill()
+    assert running.returncode == 8, err
+    assert "longer than the namespace's lock-delay (1s)" in err
+    wait_until(lambda: not _alive(int(pid_file.read_text())), timeout=10)

@@ -12,13 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from nac_client import Action, Client, NodeAccess
+from nac_client import Action, Client, Conflict, NodeAccess
 from nac_server.embedded import RedisProcess, free_port
 from nac_server.scripts import script_source
 from tests.servers import ServerProcess
 
 W, R = Action.MODIFY_VISIBLE_DATA, Action.READ_VISIBLE_DATA
 NS = "replies"
+ADMIN_TOKEN = "lost-replies-token"
 
 
 def sha_of(script: str) -> bytes:
@@ -109,17 +110,23 @@ def proxied() -> Iterator[tuple[ReplyDroppingProxy, ServerProcess]]:
     with (
         RedisProcess() as redis_process,
         ReplyDroppingProxy(redis_process.port) as proxy,
-        ServerProcess(f"redis://127.0.0.1:{proxy.port}/0", "--lock-delay", "0") as server,
+        ServerProcess(
+            f"redis://127.0.0.1:{proxy.port}/0",
+            "--lock-delay",
+            "0",
+            "--admin-token",
+            ADMIN_TOKEN,
+        ) as server,
     ):
         yield proxy, server
 
 
 def history(client: Client, job_id: str) -> list[str]:
-    """The types of the namespace's events about job_id, from the start to now, in order."""
+    """The changes of state of job_id, from the start to now, in order (notices left out)."""
     current = client.get_node("/vol/a.qcow2").revision
     found = []
     for event in client.watch(start_revision=1):
-        if event.job is not None and event.job.job_id == job_id:
+        if event.job is not None and event.job.job_id == job_id and event.type.name != "CONTENDED":
             found.append(event.type.name)
         if event.revision >= current:
             return found
@@ -149,3 +156,34 @@ def test_a_lost_reply_is_resent_and_changes_nothing_twice(
         assert proxy.dropped == [sha_of(name) for name in ("acquire", "update", "release")]
         assert [j.job_id for j in client.list_jobs()] == sorted([before.job_id, following.job_id])
         assert history(client, "j-lost") == ["ACQUIRED", "UPDATED", "RELEASED"]
+
+
+def test_lost_replies_of_renewals_waits_and_force_releases_change_nothing_twice(
+    proxied: tuple[ReplyDroppingProxy, ServerProcess],
+) -> None:
+    proxy, server = proxied
+    with (
+        Client(server.target, namespace=NS, owner="host-a") as client,
+        Client(server.target, namespace=NS, owner="op", admin_token=ADMIN_TOKEN) as operator,
+    ):
+        held = client.acquire(
+            [NodeAccess("/vol/a.qcow2", [W], [R])], operation="commit", job_id="j-held"
+        )
+        proxy.drop(sha_of("renew"))
+        renewed = client.keep_alive("j-held")
+        assert renewed.alive and renewed.fencing_token == held.fencing_token
+        # A wait that runs out leaves the queue once, though the reply to leaving is lost.
+        proxy.drop(sha_of("unwait"))
+        with pytest.raises(Conflict):
+            client.acquire(
+                [NodeAccess("/vol/a.qcow2", [W], [R])],
+                operation="stream",
+                job_id="j-waiter",
+                wait=0.5,
+            )
+        proxy.drop(sha_of("release"))
+        operator.force_release("j-held", reason="lost replies")
+        assert proxy.dropped == [sha_of(name) for name in ("renew", "unwait", "release")]
+        assert client.list_jobs(include_waiters=True) == []
+        assert history(client, "j-held") == ["ACQUIRED", "FORCE_RELEASED"]
+        assert history(client, "j-waiter") == ["WAITING", "WAIT_ENDED"]

@@ -687,37 +687,15 @@ def test_config_shows_and_sets_the_lock_delay_and_node_shows_it(admin_cli: Nacct
 def test_acquire_kills_the_command_and_exits_8_when_force_released(
     admin_cli: Nacctl, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "pid"
     # A lease that renewals keep until the force-release, on a loaded machine too.
-    running = admin_cli.popen(
-        "acquire",
-        "--ttl",
-        "2",
-        "--node",
-        NODE,
-        "--require",
-        "write",
-        "--",
-        "sh",
-        "-c",
-        f"echo $$ > {pid_file}; exec sleep 120",
+    ended = force_release_while_running(
+        admin_cli, tmp_path, ["--ttl", "2"], "exec sleep 120", timeout=60
     )
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
-        [held] = admin_cli.json("jobs")["jobs"]
-        forced = admin_cli(
-            "force-release", held["job_id"], "--reason", "test", admin_token=ADMIN_TOKEN
-        )
-        assert forced.returncode == 0, forced.stderr
-        started = time.monotonic()
-        _, err = running.communicate(timeout=60)
-    finally:
-        running.kill()
-    assert running.returncode == 8, err
+    assert ended.returncode == 8, ended.err
     # Stopped by the next renewal's answer, long before the command would have ended.
-    assert time.monotonic() - started < 30
-    assert f"lease on job {held['job_id']} lost" in err
-    wait_until(lambda: not _alive(int(pid_file.read_text())))
+    assert ended.seconds < 30
+    assert f"lease on job {ended.job_id} lost" in ended.err
+    wait_until(lambda: not _alive(ended.pid))
 
 
 def test_acquire_bounds_grace_by_the_lock_delay(admin_cli: Nacctl, tmp_path: Path) -> None:
@@ -727,11 +705,37 @@ def test_acquire_bounds_grace_by_the_lock_delay(admin_cli: Nacctl, tmp_path: Pat
         admin_cli.target, namespace=admin_cli.namespace, owner="op", admin_token=ADMIN_TOKEN
     ) as operator:
         operator.configure_namespace(lock_delay=1.0)
+    ended = force_release_while_running(
+        admin_cli,
+        tmp_path,
+        ["--grace", "30"],
+        "trap '' TERM; while :; do sleep 0.2; done",
+        timeout=25,
+    )
+    assert ended.returncode == 8, ended.err
+    assert "longer than the namespace's lock-delay (1s)" in ended.err
+    wait_until(lambda: not _alive(ended.pid), timeout=10)
+
+
+@dataclass(frozen=True)
+class Ended:
+    returncode: int
+    err: str
+    job_id: str
+    pid: int
+    # From the force-release to nacctl's exit.
+    seconds: float
+
+
+def force_release_while_running(
+    cli: Nacctl, tmp_path: Path, options: list[str], script: str, timeout: float
+) -> Ended:
+    """nacctl acquire of NODE runs `sh -c script`; once it runs, an operator force-releases the
+    job. How nacctl ended, and the pid of the command's shell."""
     pid_file = tmp_path / "pid"
-    running = admin_cli.popen(
+    running = cli.popen(
         "acquire",
-        "--grace",
-        "30",
+        *options,
         "--node",
         NODE,
         "--require",
@@ -739,18 +743,21 @@ def test_acquire_bounds_grace_by_the_lock_delay(admin_cli: Nacctl, tmp_path: Pat
         "--",
         "sh",
         "-c",
-        f"trap '' TERM; echo $$ > {pid_file}; while :; do sleep 0.2; done",
+        f"echo $$ > {pid_file}; {script}",
     )
     try:
         wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
-        [held] = admin_cli.json("jobs")["jobs"]
-        forced = admin_cli(
-            "force-release", held["job_id"], "--reason", "test", admin_token=ADMIN_TOKEN
-        )
+        [held] = cli.json("jobs")["jobs"]
+        forced = cli("force-release", held["job_id"], "--reason", "test", admin_token=ADMIN_TOKEN)
         assert forced.returncode == 0, forced.stderr
-        _, err = running.communicate(timeout=25)
+        started = time.monotonic()
+        _, err = running.communicate(timeout=timeout)
     finally:
         running.kill()
-    assert running.returncode == 8, err
-    assert "longer than the namespace's lock-delay (1s)" in err
-    wait_until(lambda: not _alive(int(pid_file.read_text())), timeout=10)
+    return Ended(
+        running.returncode,
+        err,
+        held["job_id"],
+        int(pid_file.read_text()),
+        time.monotonic() - started,
+    )

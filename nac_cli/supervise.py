@@ -33,7 +33,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # the command: that reaches only the command itself, not what it started.
 _WATCHDOG = """
 import ctypes, os, signal, sys, time
-grace = float(sys.argv[1])
+grace, parent = float(sys.argv[1]), int(sys.argv[2])
 group = None
 def stop(*_):
     if group is not None:
@@ -50,12 +50,19 @@ def stop(*_):
 for ignored in (signal.SIGINT, signal.SIGHUP):
     signal.signal(ignored, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, stop)
+# Until the group is known, nacctl's death waits: then it stops the group, not nothing.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-line = sys.stdin.readline()
-if not line or os.getppid() != int(sys.argv[2]):
-    stop()
-group = int(line)
-if os.getppid() != int(sys.argv[2]):
+line = b""
+while not line.endswith(b"\\n"):
+    chunk = os.read(0, 64)
+    if not chunk:
+        break
+    line += chunk
+if line.strip():
+    group = int(line)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+if group is None or os.getppid() != parent:
     stop()
 while True:
     signal.pause()

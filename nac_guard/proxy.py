@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,13 +268,11 @@ class QmpGuard:
         try:
             reply = await self._forward(name, args)
         except BaseException:
-            await self._release(key) if key is not None else await _leave(hold)
+            await self._end(key, hold)
             raise
         if key is None or "error" in reply:
-            if key is not None:
-                await self._release(key)
-            else:
-                await _leave(hold)
+            # Held only while the command ran, or QEMU refused it: either way it is over.
+            await self._end(key, hold)
         elif decided.running is not None:
             await self._settle(key, decided.running)
         return reply
@@ -325,6 +323,12 @@ class QmpGuard:
             return _error(f"NAC unavailable, refusing {entry.completion.operation}: {err}")
         entry.preset = entry.completion
         return await self._forward(name, args)
+
+    async def _end(self, key: str | None, hold: AsyncHold) -> None:
+        if key is not None:
+            await self._release(key)
+        else:
+            await _leave(hold)
 
     async def _release(self, key: str) -> None:
         entry = self._held.pop(key, None)
@@ -405,7 +409,7 @@ async def _leave(hold: AsyncHold) -> None:
         log.warning("release of job %s failed: %s (its lease will run out)", _job_id(hold), err)
 
 
-async def _messages(reader: asyncio.StreamReader) -> Any:
+async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[Any]:
     """The JSON objects a QMP client sends, which need no separator between them."""
     decoder = json.JSONDecoder()
     buffer = ""

@@ -14,17 +14,15 @@ from nac_client import Event as ClientEvent
 from nac_client import EventType as ClientEventType
 from nac_client._watch_cursor import WatchCursor
 from nac_proto.nac.v1 import nac_pb2 as pb
-from nac_server.arbiter import Arbiter
 from nac_server.config import Limits
 from nac_server.errors import Compacted
-from nac_server.expiry import Sweeper
 from nac_server.history import LAST, Position, follows, merge
 from nac_server.keys import Keys
 from nac_server.model import ALL_MASK, Action, Job, NodeAccess, Outcome
 from nac_server.records import StoredEvent
 from nac_server.store import Store
 from nac_server.vocabulary import EventType
-from nac_server.watch import EventHub
+from tests import store_calls
 from tests.store_calls import acquire, release, update
 
 NS = "events"
@@ -208,20 +206,11 @@ async def test_a_waiter_is_woken_by_an_update_that_drops_its_node(store: Store) 
     UPDATED that lets go of /x can grant it."""
     limits = Limits(waiter_liveness_ms=600_000, sweep_interval_s=60)
 
-    async def healthy(_: bool) -> None:
-        return None
-
-    hub = EventHub(store.log, 64)
-    arbiter = Arbiter(store, hub, Sweeper(store, 60, healthy), limits)
+    arbiter, hub = store_calls.in_process_arbiter(store, limits)
     await acquire(store, NS, "m", "host-a", "mirror", [*exclusive("/x"), *exclusive("/y")], TTL_MS)
-    request = pb.AcquireRequest(
-        namespace=NS,
-        job_id="w",
-        owner="host-b",
-        operation="commit",
-        nodes=[pb.NodeAccess(node="/x", require=[pb.MODIFY_VISIBLE_DATA])],
+    request = store_calls.waiting_request(
+        NS, "w", "host-b", "commit", "/x", pb.MODIFY_VISIBLE_DATA, 120
     )
-    request.wait.FromSeconds(120)
     waiting = asyncio.create_task(arbiter.acquire(request))
     try:
         for _ in range(3000):

@@ -13,15 +13,12 @@ from redis.asyncio import Redis
 
 from nac_proto.nac.v1 import nac_pb2 as pb
 from nac_server import model
-from nac_server.arbiter import Arbiter
 from nac_server.config import Limits
 from nac_server.deployment import GRACE_KEY
-from nac_server.expiry import Sweeper
 from nac_server.history import Position
 from nac_server.model import Action, ConflictKind, NodeAccess, Outcome, Response
 from nac_server.store import Store
 from nac_server.validation import AcquireCommand
-from nac_server.watch import EventHub
 from tests import store_calls
 
 NS = "lapsed"
@@ -74,22 +71,13 @@ async def test_a_waiting_acquire_cancelled_as_it_is_granted_gives_the_grant_back
 ) -> None:
     store = CancelledAfterTheGrant(redis)
 
-    async def healthy(_: bool) -> None:
-        return None
-
-    hub = EventHub(store.log, 64)
-    arbiter = Arbiter(store, hub, Sweeper(store, 60, healthy), Limits())
+    arbiter, hub = store_calls.in_process_arbiter(store, Limits())
     holder = [NodeAccess("/x", WRITE, 0)]
     held = await store_calls.acquire(store, NS, "holder", "host-a", "commit", holder, 60_000)
     assert held.outcome is Outcome.GRANTED
-    request = pb.AcquireRequest(
-        namespace=NS,
-        job_id="w",
-        owner="host-b",
-        operation="stream",
-        nodes=[pb.NodeAccess(node="/x", require=[pb.READ_VISIBLE_DATA])],
+    request = store_calls.waiting_request(
+        NS, "w", "host-b", "stream", "/x", pb.READ_VISIBLE_DATA, 60
     )
-    request.wait.FromSeconds(60)
     waiting = asyncio.create_task(arbiter.acquire(request))
     try:
         for _ in range(3000):

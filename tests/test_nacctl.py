@@ -125,6 +125,13 @@ def hold_base(client: Client, *, operation: str = "backup", ttl: float = TTL) ->
     return client.acquire([NodeAccess(NODE, [R], [R])], operation=operation, ttl=ttl)
 
 
+def acquire_running(cli: Nacctl, options: list[str], shell: str) -> subprocess.Popen[str]:
+    """nacctl acquire of NODE for writing, running `sh -c shell` while it holds it."""
+    return cli.popen(
+        "acquire", *options, "--node", NODE, "--require", "write", "--", "sh", "-c", shell
+    )
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -467,19 +474,7 @@ def test_acquire_kills_the_command_and_exits_8_when_the_server_goes_away(
     with ServerProcess(e2e_redis.url, log_path=tmp_path / "server.log") as server:
         cli = Nacctl(server.target, namespace)
         # A lease that renewals keep while the server is up, on a loaded machine too.
-        running = cli.popen(
-            "acquire",
-            "--ttl",
-            "2",
-            "--node",
-            NODE,
-            "--require",
-            "write",
-            "--",
-            "sh",
-            "-c",
-            f"echo $$ > {pid_file}; exec sleep 120",
-        )
+        running = acquire_running(cli, ["--ttl", "2"], f"echo $$ > {pid_file}; exec sleep 120")
         wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
         server.stop()
     _, err = running.communicate(timeout=60)
@@ -493,19 +488,7 @@ def test_acquire_killed_by_sigkill_takes_its_command_with_it(cli: Nacctl, tmp_pa
     """Nobody renews the lease once nacctl is gone, so its command (and what that started) must
     not go on writing: its watchdog stops the command's whole session."""
     pid_file = tmp_path / "pid"
-    running = cli.popen(
-        "acquire",
-        "--grace",
-        "1",
-        "--node",
-        NODE,
-        "--require",
-        "write",
-        "--",
-        "sh",
-        "-c",
-        f"sleep 120 & echo $! > {pid_file}; wait",
-    )
+    running = acquire_running(cli, ["--grace", "1"], f"sleep 120 & echo $! > {pid_file}; wait")
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
     grandchild = int(pid_file.read_text())
     assert _alive(grandchild)
@@ -733,18 +716,7 @@ def force_release_while_running(
     """nacctl acquire of NODE runs `sh -c script`; once it runs, an operator force-releases the
     job. How nacctl ended, and the pid of the command's shell."""
     pid_file = tmp_path / "pid"
-    running = cli.popen(
-        "acquire",
-        *options,
-        "--node",
-        NODE,
-        "--require",
-        "write",
-        "--",
-        "sh",
-        "-c",
-        f"echo $$ > {pid_file}; {script}",
-    )
+    running = acquire_running(cli, options, f"echo $$ > {pid_file}; {script}")
     try:
         wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
         [held] = cli.json("jobs")["jobs"]
